@@ -1,0 +1,243 @@
+"""
+The daemon's validated configuration, and the checks that build it.
+
+Every check here runs before the daemon starts listening, so a bad value stops it with
+one message that names the option, instead of failing on the first request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from pathlib import Path
+
+import attrs
+import exoscale
+from twisted.python.url import URL
+
+IDLE_ACTIONS = ("stop", "destroy")
+
+# Families that the earlier proxy named without the API's "gpu" prefix.
+_FAMILY_ALIASES = {"a5000": "gpua5000", "a30": "gpua30", "3080ti": "gpu3080ti"}
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+
+
+class ConfigError(ValueError):
+    """
+    A configuration value is missing or invalid.
+
+    The message names the option and says how to fix it.
+    """
+
+
+@attrs.frozen
+class InstanceType:
+    """
+    An Exoscale instance type, as the API names it: a family and a size.
+    """
+
+    family: str
+    size: str
+
+    @property
+    def gpu(self) -> bool:
+        return self.family.startswith("gpu")
+
+    def __str__(self) -> str:
+        return f"{self.family}.{self.size}"
+
+
+@attrs.frozen
+class Config:
+    """
+    The settings of one exoproxy daemon.
+
+    Durations are in seconds. A timeout of 0 means no timeout.
+    """
+
+    listen: tuple[str, ...]
+    zone: str
+    instance_type: InstanceType
+    template: str
+    disk_size: int
+    idle_timeout: float
+    model: str
+    instance_name: str
+    api_url: str
+    api_key: str
+    api_secret: str = attrs.field(repr=False)
+    api_timeout: float
+    api_threads: int
+    backend_url: str | None
+    backend_port: int
+    idle_action: str
+    allowed_networks: tuple[str, ...]
+    idle_check_interval: float
+    ready_timeout: float
+    poll_interval: float
+    connect_timeout: float
+    upstream_idle_timeout: float
+    simulate: bool
+    simulate_boot_delay: float
+
+    @property
+    def fixed_backend(self) -> bool:
+        """
+        Whether the daemon proxies to a fixed backend and makes no cloud calls.
+        """
+        return self.backend_url is not None
+
+
+def _spec_enum(schema_name: str, field_name: str) -> tuple[str, ...]:
+    spec_path = Path(exoscale.__file__).parent / "openapi.json"
+    spec = json.loads(spec_path.read_text())
+    schema = spec["components"]["schemas"][schema_name]
+    return tuple(schema["properties"][field_name]["enum"])
+
+
+def known_zones() -> tuple[str, ...]:
+    """
+    Return the zone names that the installed Exoscale SDK's API description lists.
+    """
+    spec_path = Path(exoscale.__file__).parent / "openapi.json"
+    spec = json.loads(spec_path.read_text())
+    return tuple(spec["servers"][0]["variables"]["zone"]["enum"])
+
+
+def public_api_url(zone: str) -> str:
+    """
+    Return the public Exoscale API endpoint of a zone.
+    """
+    return f"https://api-{zone}.exoscale.com/v2"
+
+
+def parse_zone(value: str) -> str:
+    zones = known_zones()
+    if value not in zones:
+        raise ConfigError(
+            f"--zone: unknown zone {value!r}; use one of {', '.join(zones)}"
+        )
+    return value
+
+
+def parse_instance_type(value: str) -> InstanceType:
+    """
+    Parse FAMILY.SIZE, such as "gpua5000.small" or its short form "a5000.small".
+
+    Raises:
+        ConfigError: the family or the size is not one the API defines.
+    """
+    family, dot, size = value.strip().lower().partition(".")
+    if not dot:
+        raise ConfigError(
+            f"--instance-type: invalid value {value!r}; use FAMILY.SIZE, "
+            "for example a5000.small or standard.medium"
+        )
+
+    family = _FAMILY_ALIASES.get(family, family)
+    families = _spec_enum("instance-type", "family")
+    if family not in families:
+        raise ConfigError(
+            f"--instance-type: unknown family in {value!r}; "
+            f"use one of {', '.join(families)}"
+        )
+
+    sizes = _spec_enum("instance-type", "size")
+    if size not in sizes:
+        raise ConfigError(
+            f"--instance-type: unknown size in {value!r}; use one of {', '.join(sizes)}"
+        )
+    return InstanceType(family=family, size=size)
+
+
+def parse_number(option: str, value: str, *, minimum: float = 0) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"--{option}: invalid number {value!r}") from None
+    if not number >= minimum or number == float("inf"):
+        raise ConfigError(f"--{option}: {value!r} must be at least {minimum:g}")
+    return number
+
+
+def parse_integer(option: str, value: str, *, minimum: int, maximum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"--{option}: invalid whole number {value!r}") from None
+    if not minimum <= number <= maximum:
+        raise ConfigError(
+            f"--{option}: {number} is out of range; use {minimum} to {maximum}"
+        )
+    return number
+
+
+def parse_http_url(option: str, value: str) -> str:
+    """
+    Check that a URL is absolute http(s) with a host, and return it without a
+    trailing slash.
+    """
+    try:
+        url = URL.from_text(value)
+    except Exception:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(
+            f"--{option}: invalid URL {value!r}; use http://HOST:PORT or https://..."
+        )
+    return value.rstrip("/")
+
+
+def parse_model(value: str) -> str:
+    if not _MODEL_NAME.match(value):
+        raise ConfigError(
+            f"--model: invalid model name {value!r}; use a name such as "
+            "granite3.1-dense:8b"
+        )
+    return value
+
+
+def parse_idle_action(value: str) -> str:
+    if value not in IDLE_ACTIONS:
+        raise ConfigError(
+            f"--idle-action: invalid value {value!r}; use one of "
+            f"{', '.join(IDLE_ACTIONS)}"
+        )
+    return value
+
+
+def parse_networks(values: list[str]) -> tuple[str, ...]:
+    """
+    Parse the networks that may reach the backend port, in CIDR notation.
+    """
+    networks = []
+    for value in values:
+        try:
+            networks.append(str(ipaddress.ip_network(value.strip(), strict=False)))
+        except ValueError:
+            raise ConfigError(
+                f"--allow-cidr: invalid network {value!r}; use CIDR notation such "
+                "as 203.0.113.7/32"
+            ) from None
+    return tuple(networks)
+
+
+def read_secret_file(path: str) -> str:
+    """
+    Read an API secret from a file, without its trailing newline.
+
+    Raises:
+        ConfigError: the file cannot be read or is empty. The message names the
+            path but never the file's content.
+    """
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as error:
+        raise ConfigError(
+            f"--api-secret-file: cannot read {path!r}: {error.strerror}"
+        ) from None
+    if not secret:
+        raise ConfigError(f"--api-secret-file: {path!r} is empty")
+    return secret

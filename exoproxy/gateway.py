@@ -1,0 +1,246 @@
+"""
+The HTTP front of exoproxy: it answers what it can locally and proxies the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any, Callable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import IAgent
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from exoproxy.activity import ActivityTracker
+from exoproxy.catalog import BackendCatalog
+from exoproxy.cors import CorsPolicy
+from exoproxy.errors import send_error
+from exoproxy.lifecycle import Backend
+from exoproxy.proxy import ProxiedExchange
+from exoproxy.routes import MethodNotAllowed, Route, RouteNotFound, match_route
+
+log = Logger()
+
+HEARTBEAT = b"Ollama is running"
+
+# The largest JSON request body, once decompressed, that exoproxy accepts. It bounds
+# the memory that one gzip-compressed body can take.
+MAX_DECODED_JSON_BODY = 256 * 1024 * 1024
+
+
+class BackendSource:
+    """
+    Where requests go: the lifecycle of a managed instance, or a fixed backend.
+    """
+
+    def current_backend(self) -> Backend | None:
+        raise NotImplementedError
+
+    def demand(self) -> None:
+        raise NotImplementedError
+
+    def unavailable(self) -> tuple[str, dict[str, Any], int]:
+        """
+        Return the message, the extra JSON fields and the Retry-After seconds of the
+        503 for a request that arrives while no backend is ready.
+        """
+        raise NotImplementedError
+
+
+class _BadBody(ValueError):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _decoded_body(request: Request) -> bytes:
+    """
+    Return the request body, decompressed when its Content-Encoding is gzip or
+    deflate.
+    """
+    request.content.seek(0)
+    raw = request.content.read()
+    encoding = (request.getHeader(b"content-encoding") or b"identity").lower()
+    if encoding in (b"identity", b""):
+        return raw
+    if encoding not in (b"gzip", b"deflate", b"x-gzip"):
+        raise _BadBody(415, f"unsupported Content-Encoding {encoding.decode()!r}")
+
+    # wbits 47 accepts both gzip and zlib headers.
+    decompressor = zlib.decompressobj(47)
+    try:
+        decoded = decompressor.decompress(raw, MAX_DECODED_JSON_BODY + 1)
+    except zlib.error as error:
+        raise _BadBody(400, f"invalid {encoding.decode()} request body: {error}")
+    if len(decoded) > MAX_DECODED_JSON_BODY or decompressor.unconsumed_tail:
+        raise _BadBody(413, "the decompressed request body is too large")
+    return decoded
+
+
+def _check_json_object(body: bytes) -> None:
+    if not body.strip():
+        raise _BadBody(400, "missing request body")
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise _BadBody(400, f"invalid JSON in request body: {error}") from None
+    if not isinstance(parsed, dict):
+        raise _BadBody(400, "the request body must be a JSON object")
+
+
+class Gateway(Resource):
+    """
+    The root resource: every request, whatever its path, comes here.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        *,
+        source: BackendSource,
+        activity: ActivityTracker,
+        catalog: BackendCatalog,
+        agent: IAgent,
+        clock: IReactorTime,
+        status: Callable[[], dict[str, Any]],
+        cors: CorsPolicy,
+        upstream_idle_timeout: float,
+    ) -> None:
+        super().__init__()
+        self._source = source
+        self._activity = activity
+        self._catalog = catalog
+        self._agent = agent
+        self._clock = clock
+        self._status = status
+        self._cors = cors
+        self._upstream_idle_timeout = upstream_idle_timeout
+
+    def render(self, request: Request) -> bytes | int:
+        path = request.path.decode("utf-8", "replace")
+        if not request.uri.startswith(b"/"):
+            send_error(request, 400, "the request target must be a path")
+            return NOT_DONE_YET
+
+        origin = request.getHeader(b"origin")
+        if origin is not None:
+            if not self._cors.allows(origin.decode("utf-8", "replace")):
+                send_error(request, 403, "origin not allowed")
+                return NOT_DONE_YET
+            if self._cors.is_preflight(request):
+                return self._cors.answer_preflight(request, origin)
+            self._cors.add_headers(request, origin)
+
+        if path == "/":
+            return self._render_heartbeat(request)
+        if path == "/status":
+            return self._render_status(request)
+
+        try:
+            route = match_route(request.method, path)
+        except RouteNotFound:
+            send_error(request, 404, f"404 page not found: {path}")
+            return NOT_DONE_YET
+        except MethodNotAllowed as error:
+            allowed = b", ".join(sorted(error.allowed | {b"OPTIONS"}))
+            send_error(
+                request,
+                405,
+                f"method {request.method.decode('ascii', 'replace')} is not allowed "
+                f"for {path}",
+                headers={b"allow": allowed},
+            )
+            return NOT_DONE_YET
+
+        body = None
+        if route.json_body:
+            try:
+                body = _decoded_body(request)
+                _check_json_object(body)
+            except _BadBody as error:
+                send_error(request, error.code, str(error))
+                return NOT_DONE_YET
+
+        backend = self._source.current_backend()
+        if backend is None and not route.wakes:
+            return self._render_cold(request, path)
+        if backend is None:
+            self._source.demand()
+            backend = self._source.current_backend()
+        if backend is None:
+            self._render_unavailable(request)
+            return NOT_DONE_YET
+
+        self._forward(request, route, backend, body)
+        return NOT_DONE_YET
+
+    def _render_heartbeat(self, request: Request) -> bytes | int:
+        if request.method not in (b"GET", b"HEAD"):
+            send_error(
+                request, 405, "method not allowed for /", headers={b"allow": b"GET, HEAD"}
+            )
+            return NOT_DONE_YET
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return HEARTBEAT
+
+    def _render_status(self, request: Request) -> bytes | int:
+        if request.method not in (b"GET", b"HEAD"):
+            send_error(
+                request,
+                405,
+                "method not allowed for /status",
+                headers={b"allow": b"GET, HEAD"},
+            )
+            return NOT_DONE_YET
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(self._status(), indent=2).encode("utf-8") + b"\n"
+
+    def _render_cold(self, request: Request, path: str) -> bytes:
+        """
+        Answer a polling route from what the backend last said, without waking it.
+        """
+        if path == "/api/version":
+            answer: dict[str, Any] = {"version": self._catalog.version}
+        elif path == "/api/tags":
+            answer = self._catalog.tags()
+        else:
+            answer = {"models": []}
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        return json.dumps(answer).encode("utf-8")
+
+    def _render_unavailable(self, request: Request) -> None:
+        message, extra, retry_after = self._source.unavailable()
+        send_error(
+            request,
+            503,
+            message,
+            headers={b"retry-after": str(retry_after).encode("ascii")},
+            **extra,
+        )
+
+    def _forward(
+        self, request: Request, route: Route, backend: Backend, body: bytes | None
+    ) -> None:
+        if route.wakes:
+            self._activity.request_started()
+            on_end = self._activity.request_finished
+        else:
+
+            def on_end() -> None:
+                pass
+
+        exchange = ProxiedExchange(
+            request,
+            agent=self._agent,
+            clock=self._clock,
+            backend_url=backend.url,
+            idle_timeout=self._upstream_idle_timeout,
+            on_end=on_end,
+            body=body,
+        )
+        exchange.start()

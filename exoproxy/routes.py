@@ -1,0 +1,104 @@
+"""
+The HTTP routes of Ollama's API that exoproxy serves, and what each one needs.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+_BLOB_DIGEST = r"sha256[:-][0-9a-fA-F]{64}"
+
+
+@attrs.frozen
+class Route:
+    """
+    One route of Ollama's API.
+
+    Attributes:
+        pattern: a regular expression that matches the whole path.
+        methods: the methods that the route accepts; HEAD is listed only where
+            Ollama serves it.
+        wakes: whether a request needs the instance and counts as activity. A
+            route that does not wake is answered locally while the instance is not
+            ready, and is proxied without counting as activity while it is.
+        json_body: whether the request body must be a JSON object.
+    """
+
+    pattern: re.Pattern[str]
+    methods: frozenset[bytes]
+    wakes: bool = True
+    json_body: bool = False
+
+
+def _route(
+    path: str, *methods: str, wakes: bool = True, json_body: bool | None = None
+) -> Route:
+    encoded = frozenset(method.encode("ascii") for method in methods)
+    if json_body is None:
+        json_body = bool(encoded & {b"POST", b"DELETE"})
+    return Route(
+        pattern=re.compile(f"^{path}$"),
+        methods=encoded,
+        wakes=wakes,
+        json_body=json_body,
+    )
+
+
+# Routes of Ollama 0.5 to 0.12 (server/routes.go), and its OpenAI-compatible API.
+ROUTES: tuple[Route, ...] = (
+    _route("/api/version", "GET", "HEAD", wakes=False),
+    _route("/api/tags", "GET", "HEAD", wakes=False),
+    _route("/api/ps", "GET", wakes=False),
+    _route("/api/generate", "POST"),
+    _route("/api/chat", "POST"),
+    _route("/api/embed", "POST"),
+    _route("/api/embeddings", "POST"),
+    _route("/api/show", "POST"),
+    _route("/api/pull", "POST"),
+    _route("/api/push", "POST"),
+    _route("/api/create", "POST"),
+    _route("/api/copy", "POST"),
+    _route("/api/delete", "DELETE"),
+    # A blob upload is raw bytes, not JSON.
+    _route(f"/api/blobs/{_BLOB_DIGEST}", "HEAD", "POST", json_body=False),
+    _route("/v1/chat/completions", "POST"),
+    _route("/v1/completions", "POST"),
+    _route("/v1/embeddings", "POST"),
+    _route("/v1/models", "GET"),
+    _route("/v1/models/.+", "GET"),
+)
+
+
+class RouteNotFound(LookupError):
+    """
+    No route has this path.
+    """
+
+
+class MethodNotAllowed(LookupError):
+    """
+    A route has this path, but not with this method.
+    """
+
+    def __init__(self, allowed: frozenset[bytes]) -> None:
+        super().__init__("method not allowed")
+        self.allowed = allowed
+
+
+def match_route(method: bytes, path: str) -> Route:
+    """
+    Return the route for a request.
+
+    Raises:
+        RouteNotFound: no route has this path.
+        MethodNotAllowed: the path exists but not with this method; the
+            exception carries the allowed methods for the Allow header.
+    """
+    for route in ROUTES:
+        if route.pattern.match(path):
+            if method in route.methods:
+                return route
+            raise MethodNotAllowed(route.methods)
+    raise RouteNotFound(path)

@@ -1,0 +1,341 @@
+"""
+The `twistd exoproxy` command line: its options and the service they build.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from exoproxy import config as _config
+from exoproxy.config import Config, ConfigError
+
+# Each option: the long name, the environment variable it also reads, the default and
+# the help text. The earlier Flask proxy's variable names are kept, so that its users
+# can switch over without changing their environment files.
+_PARAMETERS: tuple[tuple[str, str, str | None, str], ...] = (
+    ("api-key", "EXOSCALE_API_KEY", None, "Exoscale API key."),
+    (
+        "api-secret-file",
+        "EXOSCALE_API_SECRET_FILE",
+        None,
+        "Read the Exoscale API secret from this file instead of the "
+        "EXOSCALE_API_SECRET environment variable.",
+    ),
+    ("zone", "EXOSCALE_ZONE", "at-vie-2", "Exoscale zone of the GPU instance."),
+    (
+        "instance-type",
+        "EXOSCALE_INSTANCE_TYPE",
+        "a5000.small",
+        "Instance type as FAMILY.SIZE; a5000 is short for the gpua5000 family.",
+    ),
+    (
+        "template",
+        "EXOSCALE_TEMPLATE",
+        "Linux Ubuntu 24.04 LTS 64-bit",
+        "Name of the public template that the instance boots.",
+    ),
+    ("disk-size", "EXOSCALE_DISK_SIZE", "50", "Instance disk size, in GiB."),
+    (
+        "idle-timeout",
+        "EXOSCALE_IDLE_TIMEOUT",
+        "1800",
+        "Seconds without a request in flight before the instance is stopped.",
+    ),
+    ("model", "OLLAMA_MODEL", "granite3.1-dense:8b", "Model that the instance pulls."),
+    (
+        "instance-name",
+        "EXOPROXY_INSTANCE_NAME",
+        "exoproxy",
+        "Name and label of the managed instance and of its security group.",
+    ),
+    (
+        "exoscale-api-url",
+        "EXOSCALE_API_URL",
+        None,
+        "Exoscale API endpoint passed to the SDK "
+        "[default: https://api-ZONE.exoscale.com/v2].",
+    ),
+    (
+        "api-timeout",
+        "EXOPROXY_API_TIMEOUT",
+        "30",
+        "Seconds that one Exoscale API call may take.",
+    ),
+    (
+        "api-threads",
+        "EXOPROXY_API_THREADS",
+        "4",
+        "Maximum number of threads for Exoscale API calls.",
+    ),
+    (
+        "backend-url",
+        "EXOPROXY_BACKEND_URL",
+        None,
+        "Proxy to this Ollama URL and make no cloud calls, for an Ollama that is "
+        "always on.",
+    ),
+    (
+        "backend-port",
+        "EXOPROXY_BACKEND_PORT",
+        None,
+        "TCP port of Ollama on the instance [default: 11434, or 11435 with "
+        "--simulate, because the simulated instance shares this host].",
+    ),
+    (
+        "idle-action",
+        "EXOPROXY_IDLE_ACTION",
+        "stop",
+        "What to do with an idle instance: stop (keeps its disk and pulled "
+        "model, so it is ready sooner) or destroy.",
+    ),
+    (
+        "idle-check-interval",
+        "EXOPROXY_IDLE_CHECK_INTERVAL",
+        "10",
+        "Seconds between checks of the idle timeout.",
+    ),
+    (
+        "ready-timeout",
+        "EXOPROXY_READY_TIMEOUT",
+        "1800",
+        "Seconds that a cold start, from the first API call to Ollama listing "
+        "the model, may take before it is an error.",
+    ),
+    (
+        "poll-interval",
+        "EXOPROXY_POLL_INTERVAL",
+        "3",
+        "Seconds between polls of an API operation or of Ollama's readiness.",
+    ),
+    (
+        "connect-timeout",
+        "EXOPROXY_CONNECT_TIMEOUT",
+        "10",
+        "Seconds to wait for a TCP connection to the backend.",
+    ),
+    (
+        "upstream-idle-timeout",
+        "EXOPROXY_UPSTREAM_IDLE_TIMEOUT",
+        "0",
+        "Seconds that the backend may stay silent during a response before the "
+        "client gets 504; 0 turns it off, because a model load can take minutes.",
+    ),
+    (
+        "simulate-boot-delay",
+        "EXOPROXY_SIMULATE_BOOT_DELAY",
+        "3",
+        "With --simulate, seconds that a simulated instance takes to boot.",
+    ),
+)
+
+
+class Options(usage.Options):
+    """
+    Options of `twistd exoproxy`. Each option can also be set through the
+    environment variable named in its help text; the command line wins.
+
+    After parsing, `self.config` is the validated L{Config}.
+    """
+
+    optFlags = [
+        [
+            "simulate",
+            None,
+            "Run against the built-in simulated cloud on loopback, with no account "
+            "[env: EXOPROXY_SIMULATE=1].",
+        ],
+    ]
+    optParameters = [
+        [name, None, default, f"{doc} [env: {env}]"]
+        for name, env, default, doc in _PARAMETERS
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self.environ = os.environ if environ is None else environ
+        self["listen"] = []
+        self["allow-cidr"] = []
+        self.docs["allow-cidr"] = (
+            "Open the backend port of the instance to this network (CIDR); "
+            "repeatable. Required with a real account, so that Ollama is never open "
+            "to the whole internet by accident: 0.0.0.0/0 must be given explicitly "
+            "[default with --simulate: 127.0.0.0/8] "
+            "[env: EXOPROXY_ALLOW_CIDR, separated by spaces]."
+        )
+        self.docs["listen"] = (
+            "Listen on this Twisted endpoint string, such as tcp:11434 or "
+            "ssl:11434:privateKey=key.pem:certKey=cert.pem; repeatable "
+            "[default: tcp:11434] [env: EXOPROXY_LISTEN, separated by spaces]."
+        )
+        for name, env, _default, _doc in _PARAMETERS:
+            if self.environ.get(env):
+                self[name] = self.environ[env]
+        if self.environ.get("EXOPROXY_SIMULATE", "") in ("1", "true", "yes"):
+            self["simulate"] = 1
+
+    def opt_allow_cidr(self, network: str) -> None:
+        self["allow-cidr"].append(network)
+
+    def opt_listen(self, endpoint: str) -> None:
+        self["listen"].append(endpoint)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse the command line, and exit with one line that names the option when a
+        value is invalid.
+
+        twistd prints its whole help text before a usage error, which hides the one
+        line that matters, so a configuration error exits here instead.
+        """
+        try:
+            super().parseOptions(options)
+        except (usage.UsageError, ConfigError) as error:
+            raise SystemExit(f"exoproxy: {error}") from None
+
+    def postOptions(self) -> None:
+        self.config = build_config(self, self.environ)
+
+
+def _listen_endpoints(options: Options, environ: Mapping[str, str]) -> tuple[str, ...]:
+    if options["listen"]:
+        return tuple(options["listen"])
+    from_environment = environ.get("EXOPROXY_LISTEN", "").split()
+    return tuple(from_environment) or ("tcp:11434",)
+
+
+def _allowed_networks(
+    options: Options, environ: Mapping[str, str], needed: bool
+) -> tuple[str, ...]:
+    values = options["allow-cidr"] or environ.get("EXOPROXY_ALLOW_CIDR", "").split()
+    if options["simulate"] and not values:
+        values = ["127.0.0.0/8"]
+    networks = _config.parse_networks(values)
+    if needed and not networks:
+        raise ConfigError(
+            "--allow-cidr: missing; give the networks that may reach Ollama on the "
+            "instance, such as this host's public address: --allow-cidr "
+            "203.0.113.7/32 (0.0.0.0/0 opens it to everyone)"
+        )
+    return networks
+
+
+def _credentials(options: Options, environ: Mapping[str, str]) -> tuple[str, str]:
+    if options["simulate"]:
+        # The simulated cloud accepts exactly this pair, which lives only in memory.
+        return "EXOsimulated", secrets.token_urlsafe(32)
+
+    key = options["api-key"] or ""
+    if options["api-secret-file"]:
+        secret = _config.read_secret_file(options["api-secret-file"])
+    else:
+        secret = environ.get("EXOSCALE_API_SECRET", "")
+
+    if not key:
+        raise ConfigError(
+            "--api-key: missing Exoscale API key; set EXOSCALE_API_KEY, or use "
+            "--simulate to try exoproxy without an account"
+        )
+    if not secret:
+        raise ConfigError(
+            "missing Exoscale API secret; set EXOSCALE_API_SECRET or "
+            "--api-secret-file, or use --simulate"
+        )
+    return key, secret
+
+
+def build_config(options: Options, environ: Mapping[str, str]) -> Config:
+    """
+    Validate parsed options into a L{Config}.
+
+    Raises:
+        ConfigError: a value is missing or invalid.
+    """
+    backend_url = None
+    if options["backend-url"]:
+        backend_url = _config.parse_http_url("backend-url", options["backend-url"])
+        if options["simulate"]:
+            raise ConfigError("--backend-url and --simulate cannot be used together")
+
+    zone = _config.parse_zone(options["zone"])
+    if backend_url is None:
+        api_key, api_secret = _credentials(options, environ)
+    else:
+        api_key, api_secret = "", ""
+
+    # With --simulate, the service sets the URL once the simulator listens.
+    api_url = "" if options["simulate"] else _config.public_api_url(zone)
+    if options["exoscale-api-url"]:
+        api_url = _config.parse_http_url(
+            "exoscale-api-url", options["exoscale-api-url"]
+        )
+
+    default_backend_port = "11435" if options["simulate"] else "11434"
+    return Config(
+        listen=_listen_endpoints(options, environ),
+        zone=zone,
+        instance_type=_config.parse_instance_type(options["instance-type"]),
+        template=options["template"],
+        disk_size=_config.parse_integer(
+            "disk-size", options["disk-size"], minimum=10, maximum=51200
+        ),
+        idle_timeout=_config.parse_number(
+            "idle-timeout", options["idle-timeout"], minimum=1
+        ),
+        model=_config.parse_model(options["model"]),
+        instance_name=options["instance-name"],
+        api_url=api_url,
+        api_key=api_key,
+        api_secret=api_secret,
+        api_timeout=_config.parse_number(
+            "api-timeout", options["api-timeout"], minimum=0.1
+        ),
+        api_threads=_config.parse_integer(
+            "api-threads", options["api-threads"], minimum=1, maximum=64
+        ),
+        backend_url=backend_url,
+        backend_port=_config.parse_integer(
+            "backend-port",
+            options["backend-port"] or default_backend_port,
+            minimum=1,
+            maximum=65535,
+        ),
+        idle_action=_config.parse_idle_action(options["idle-action"]),
+        allowed_networks=_allowed_networks(
+            options, environ, needed=backend_url is None
+        ),
+        idle_check_interval=_config.parse_number(
+            "idle-check-interval", options["idle-check-interval"], minimum=0.01
+        ),
+        ready_timeout=_config.parse_number(
+            "ready-timeout", options["ready-timeout"], minimum=1
+        ),
+        poll_interval=_config.parse_number(
+            "poll-interval", options["poll-interval"], minimum=0.01
+        ),
+        connect_timeout=_config.parse_number(
+            "connect-timeout", options["connect-timeout"], minimum=0.1
+        ),
+        upstream_idle_timeout=_config.parse_number(
+            "upstream-idle-timeout", options["upstream-idle-timeout"]
+        ),
+        simulate=bool(options["simulate"]),
+        simulate_boot_delay=_config.parse_number(
+            "simulate-boot-delay", options["simulate-boot-delay"]
+        ),
+    )
+
+
+def makeService(options: Options) -> IService:
+    """
+    Build the daemon's service tree from parsed options.
+    """
+    from twisted.internet import reactor
+
+    from exoproxy.service import ExoproxyService
+
+    return ExoproxyService(options.config, reactor=reactor)

@@ -1,0 +1,363 @@
+"""
+Render the cloud-init user-data that turns a fresh Exoscale instance into an Ollama
+server.
+
+The target template is "Linux Ubuntu 24.04 LTS 64-bit". The document installs the
+NVIDIA driver on GPU instances, installs Ollama with its official install script,
+points Ollama at the configured address with a systemd drop-in, waits until Ollama
+responds, and pulls the configured models. This module only renders the text, which
+runs on the instance, and downloads nothing itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import ipaddress
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+import yaml
+
+#: Maximum length of the base64 ``user-data`` field of ``POST /instance``, from the
+#: OpenAPI description bundled with the exoscale SDK 0.16.4.
+MAX_USER_DATA_LENGTH = 32768
+
+#: Path of the systemd drop-in that sets Ollama's listening address.
+OLLAMA_DROP_IN_PATH = "/etc/systemd/system/ollama.service.d/exoproxy.conf"
+
+OLLAMA_INSTALL_SCRIPT_URL = "https://ollama.com/install.sh"
+
+_OLLAMA_INSTALL_SCRIPT_PATH = "/root/ollama-install.sh"
+_NVIDIA_SETUP_PATH = "/usr/local/sbin/exoproxy-nvidia-setup"
+_NVIDIA_MODULES_LOAD_PATH = "/etc/modules-load.d/exoproxy-nvidia.conf"
+
+# Ollama responds within seconds of starting. The wait makes 120 requests 1 second
+# apart, each limited to 2 seconds, so it gives up after 2 to 6 minutes.
+_READY_ATTEMPTS = 120
+
+# A model reference such as "llama3.2:1b" or "hf.co/org/repo:Q4_K_M". The first
+# character is alphanumeric so that `ollama pull` never reads the name as an option.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]*")
+
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+# Ubuntu's `ubuntu-drivers install --gpgpu` installs the kernel modules and the
+# nvidia-headless-no-dkms-<branch> libraries, but not nvidia-smi. Ollama's install
+# script checks for nvidia-smi and installs NVIDIA's CUDA repository driver when it is
+# missing, so this script installs nvidia-utils-<branch> too.
+# NOTE: the tests check this script with `sh -n` only. It has not run on an Exoscale
+# GPU instance, and its package names come from ubuntu-drivers-common's source and
+# the Ubuntu 24.04 package lists.
+_NVIDIA_SETUP_SCRIPT = """\
+#!/bin/sh
+# Install the NVIDIA server driver that ubuntu-drivers selects for this GPU, the
+# nvidia-smi of the same branch, and load the kernel modules that Ollama uses.
+set -eu
+export DEBIAN_FRONTEND=noninteractive
+
+ubuntu-drivers install --gpgpu
+
+branch=$(dpkg-query -W -f '${db:Status-Abbrev} ${Package}\\n' \\
+    'nvidia-headless-no-dkms-*' 2>/dev/null \\
+    | awk '$1 == "ii" { sub("^nvidia-headless-no-dkms-", "", $2); print $2; exit }')
+if [ -z "$branch" ]; then
+    echo "exoproxy: ubuntu-drivers installed no nvidia-headless-no-dkms package" >&2
+    exit 1
+fi
+
+# The utilities package has no -open variant.
+apt-get install -y --no-install-recommends "nvidia-utils-${branch%-open}"
+
+# The linux-modules-nvidia metapackage follows the newest kernel in the archive,
+# which can be newer than the running kernel until the next reboot.
+# NOTE: the fallback fails when the archive no longer has modules for the running
+# kernel, and then only a reboot into the newer kernel loads the driver.
+if ! modprobe nvidia; then
+    apt-get install -y --no-install-recommends \\
+        "linux-modules-nvidia-${branch}-$(uname -r)"
+    modprobe nvidia
+fi
+modprobe nvidia_uvm
+nvidia-smi
+"""
+
+
+def _to_model_tuple(models: Iterable[str]) -> tuple[str, ...]:
+    # A bare string is iterable, and would become one model per character.
+    if isinstance(models, str):
+        raise TypeError(f"Invalid models {models!r}: expected a sequence of names")
+
+    return tuple(models)
+
+
+def _validate_port(instance: UserDataSettings, attribute: Any, port: int) -> None:
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"Invalid {attribute.name} {port!r}: expected an int")
+
+    if not 1 <= port <= 65535:
+        raise ValueError(
+            f"Invalid {attribute.name} {port!r}: expected a port in 1..65535"
+        )
+
+
+def _validate_models(
+    instance: UserDataSettings, attribute: Any, models: tuple[str, ...]
+) -> None:
+    for model in models:
+        if not isinstance(model, str):
+            raise TypeError(f"Invalid model name {model!r}: expected a str")
+
+        if not model:
+            raise ValueError("Invalid model name '': a model name must not be empty")
+
+        if _MODEL_NAME.fullmatch(model) is None:
+            raise ValueError(
+                f"Invalid model name {model!r}: use only letters, digits and"
+                " . _ : / @ - (no whitespace or shell metacharacters), starting with a"
+                " letter or digit"
+            )
+
+
+def _validate_host(instance: UserDataSettings, attribute: Any, host: str) -> None:
+    if not isinstance(host, str):
+        raise TypeError(f"Invalid {attribute.name} {host!r}: expected a str")
+
+    # systemd expands "%" in unit files, so an IPv6 zone index such as "%eth0" is
+    # rejected.
+    if "%" in host:
+        raise ValueError(
+            f"Invalid {attribute.name} {host!r}: an IPv6 zone index is not supported"
+        )
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if _HOSTNAME.fullmatch(host) is None:
+            raise ValueError(
+                f"Invalid {attribute.name} {host!r}: expected an IP address or a"
+                " hostname"
+            ) from None
+
+
+@attrs.frozen(kw_only=True)
+class UserDataSettings:
+    """
+    Settings for one Ollama instance's user-data.
+
+    All fields are keyword-only, so that new fields can be added without breaking
+    callers. Invalid values raise `ValueError` (or `TypeError` for a wrong type) when
+    the settings are created.
+
+    Attributes:
+        ollama_port: TCP port that Ollama listens on, in 1..65535.
+        models: Ollama model names to pull once Ollama responds, in order. Each name
+            contains only letters, digits and ``. _ : / @ -``.
+        gpu: Whether to install the NVIDIA driver. Set it for GPU instance families.
+        ollama_host: IP address or hostname that Ollama binds to.
+    """
+
+    ollama_port: int = attrs.field(default=11434, validator=_validate_port)
+    models: tuple[str, ...] = attrs.field(
+        converter=_to_model_tuple, validator=_validate_models
+    )
+    gpu: bool = attrs.field(validator=attrs.validators.instance_of(bool))
+    ollama_host: str = attrs.field(default="0.0.0.0", validator=_validate_host)
+
+
+def _format_host(host: str) -> str:
+    # IPv6 literals need brackets before a ":port" suffix.
+    if ":" in host:
+        return f"[{host}]"
+
+    return host
+
+
+def _local_host(host: str) -> str:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+
+    # A wildcard bind address is reachable through loopback on the instance itself.
+    if address.is_unspecified:
+        return "127.0.0.1" if address.version == 4 else "::1"
+
+    return host
+
+
+def _drop_in(settings: UserDataSettings) -> str:
+    address = f"{_format_host(settings.ollama_host)}:{settings.ollama_port}"
+    return f'[Service]\nEnvironment="OLLAMA_HOST={address}"\n'
+
+
+def _wait_for_ollama(local_address: str) -> str:
+    url = f"http://{local_address}/"
+    return (
+        "attempt=0; "
+        f"until curl -fsS --max-time 2 -o /dev/null {url}; do "
+        "attempt=$((attempt + 1)); "
+        f'if [ "$attempt" -ge {_READY_ATTEMPTS} ]; then '
+        f'echo "exoproxy: Ollama did not respond at {url}" >&2; exit 1; fi; '
+        "sleep 1; "
+        "done"
+    )
+
+
+def _write_files(settings: UserDataSettings) -> list[dict[str, Any]]:
+    files: list[dict[str, Any]] = [
+        {
+            "path": OLLAMA_DROP_IN_PATH,
+            "owner": "root:root",
+            "permissions": "0644",
+            "content": _drop_in(settings),
+        }
+    ]
+
+    if settings.gpu:
+        files.append(
+            {
+                "path": _NVIDIA_SETUP_PATH,
+                "owner": "root:root",
+                "permissions": "0755",
+                "content": _NVIDIA_SETUP_SCRIPT,
+            }
+        )
+
+        # Loads the modules on later boots, after the instance is stopped and
+        # started again. The nvidia_uvm module is not loaded by udev.
+        files.append(
+            {
+                "path": _NVIDIA_MODULES_LOAD_PATH,
+                "owner": "root:root",
+                "permissions": "0644",
+                "content": "nvidia\nnvidia_uvm\n",
+            }
+        )
+
+    return files
+
+
+def _runcmd(settings: UserDataSettings) -> list[str | list[str]]:
+    local_address = (
+        f"{_format_host(_local_host(settings.ollama_host))}:{settings.ollama_port}"
+    )
+
+    # cloud-init joins every item into one /bin/sh script, so `set -e` and the
+    # exports below apply to all later items, and a failed step skips the rest.
+    commands: list[str | list[str]] = [
+        "set -e",
+        # cloud-init runs the script without HOME, and the ollama CLI panics with
+        # "$HOME is not defined" (https://github.com/ollama/ollama/issues/8756).
+        "export HOME=/root",
+        f"export OLLAMA_HOST={local_address}",
+    ]
+
+    # The driver goes first, because Ollama's install script installs another driver
+    # when it finds no nvidia-smi.
+    if settings.gpu:
+        commands.append([_NVIDIA_SETUP_PATH])
+
+    commands += [
+        [
+            "curl",
+            "-fsSL",
+            "--retry",
+            "5",
+            "-o",
+            _OLLAMA_INSTALL_SCRIPT_PATH,
+            OLLAMA_INSTALL_SCRIPT_URL,
+        ],
+        ["sh", _OLLAMA_INSTALL_SCRIPT_PATH],
+        # The install script only enables and starts the service when
+        # `systemctl is-system-running` is "running" or "degraded", and the system is
+        # still "starting" while cloud-init's final stage runs.
+        ["systemctl", "daemon-reload"],
+        ["systemctl", "enable", "ollama"],
+        ["systemctl", "restart", "ollama"],
+        _wait_for_ollama(local_address),
+    ]
+
+    commands += [["ollama", "pull", model] for model in settings.models]
+    return commands
+
+
+class _Dumper(yaml.SafeDumper):
+    """A YAML dumper that writes multi-line strings as literal blocks."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def render_user_data(settings: UserDataSettings) -> str:
+    """
+    Render the ``#cloud-config`` document for an Ollama instance.
+
+    The document refreshes the package index but never upgrades packages, because an
+    upgrade delays readiness by minutes. On GPU settings it installs the NVIDIA
+    driver and loads its modules before Ollama is installed.
+
+    Returns:
+        The YAML document, starting with the ``#cloud-config`` line.
+    """
+    # Recent releases of Ollama's install script download a .tar.zst archive.
+    packages = ["curl", "zstd"]
+    if settings.gpu:
+        packages.append("ubuntu-drivers-common")
+
+    config: dict[str, Any] = {
+        "package_update": True,
+        "package_upgrade": False,
+        "package_reboot_if_required": False,
+        "packages": packages,
+        "write_files": _write_files(settings),
+        "runcmd": _runcmd(settings),
+    }
+
+    body = yaml.dump(
+        config, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=4096
+    )
+    return "#cloud-config\n" + body
+
+
+def encode_user_data(text: str) -> str:
+    """
+    Encode user-data for the ``user-data`` field of the Exoscale API.
+
+    The document is base64-encoded as it is when that fits `MAX_USER_DATA_LENGTH`.
+    Otherwise it is gzip-compressed first, which cloud-init detects and decompresses.
+
+    Returns:
+        The base64 text, at most `MAX_USER_DATA_LENGTH` characters long.
+
+    Raises:
+        ValueError: If the text is empty, or too long even after gzip.
+    """
+    if not text:
+        raise ValueError("Invalid user data: the document is empty")
+
+    data = text.encode("utf-8")
+    encoded = base64.b64encode(data).decode("ascii")
+    if len(encoded) <= MAX_USER_DATA_LENGTH:
+        return encoded
+
+    # mtime=0 keeps the output identical for identical input.
+    compressed = gzip.compress(data, compresslevel=9, mtime=0)
+    encoded = base64.b64encode(compressed).decode("ascii")
+    if len(encoded) > MAX_USER_DATA_LENGTH:
+        raise ValueError(
+            f"User data is too large: {len(encoded)} base64 characters after gzip,"
+            f" over the Exoscale limit of {MAX_USER_DATA_LENGTH}. Pull fewer models."
+        )
+
+    return encoded
