@@ -232,9 +232,7 @@ class ExoscaleCloud:
         raise LookupError(f"the zone offers no instance type {family}.{size}")
 
     @inlineCallbacks
-    def ensure_security_group(
-        self, name: str, port: int, networks: tuple[str, ...]
-    ):
+    def ensure_security_group(self, name: str, port: int, networks: tuple[str, ...]):
         """
         Return the id of the security group with this name, creating it with one
         TCP ingress rule on C{port} for each network when it does not exist.

@@ -181,7 +181,10 @@ class Gateway(Resource):
     def _render_heartbeat(self, request: Request) -> bytes | int:
         if request.method not in (b"GET", b"HEAD"):
             send_error(
-                request, 405, "method not allowed for /", headers={b"allow": b"GET, HEAD"}
+                request,
+                405,
+                "method not allowed for /",
+                headers={b"allow": b"GET, HEAD"},
             )
             return NOT_DONE_YET
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")

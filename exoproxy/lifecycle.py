@@ -106,7 +106,9 @@ class _Core:
         self.log.info(
             "Instance {instance_id}: {phase} (previous phase {previous} took "
             "{duration:.1f} s)",
-            instance_id=self.instance_id or self.provisioner.known_instance_id(),
+            instance_id=self.instance_id
+            or self.provisioner.known_instance_id()
+            or "(not known yet)",
             phase=phase,
             previous=self.phase,
             duration=now - self.phase_started,
@@ -150,7 +152,6 @@ def _build_machine() -> Callable[[_Core], Lifecycle]:
     @pep614(error.upon(Lifecycle.retry).to(provisioning))
     def start_run(lifecycle: Lifecycle, core: _Core) -> None:
         core.error = None
-        core.set_phase("provisioning")
         core.run = core.provisioner.bring_up(core.set_phase)
         core.run.addCallbacks(lifecycle.instance_ready, lifecycle.provisioning_failed)
 
@@ -207,9 +208,7 @@ def _build_machine() -> Callable[[_Core], Lifecycle]:
         )
         core.set_phase("stopping")
         stopped = core.provisioner.shut_down(instance_id)
-        stopped.addCallbacks(
-            lambda _: lifecycle.stop_finished(), lifecycle.stop_failed
-        )
+        stopped.addCallbacks(lambda _: lifecycle.stop_finished(), lifecycle.stop_failed)
 
     @pep614(stopping.upon(Lifecycle.demand).loop())
     def demand_while_stopping(lifecycle: Lifecycle, core: _Core) -> None:

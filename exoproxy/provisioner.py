@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
+import treq
+from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.client import Agent, readBody
-from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
 
 from exoproxy.catalog import BackendCatalog
 from exoproxy.cloud import MANAGED_BY_LABEL, MANAGED_BY_VALUE, ExoscaleCloud
@@ -57,20 +58,18 @@ def model_names(tags: dict[str, Any]) -> set[str]:
 
 
 def json_fetcher(
-    agent: Agent, clock: IReactorTime, timeout: float
+    agent: IAgent, clock: IReactorTime, timeout: float
 ) -> Callable[[str], Deferred[Any]]:
     """
     Return a function that GETs a URL and parses its JSON body, within C{timeout}.
     """
+    client = HTTPClient(agent)
 
     @inlineCallbacks
     def fetch(url: str):
-        requested = agent.request(
-            b"GET", url.encode("ascii"), Headers({b"accept": [b"application/json"]})
-        )
-        requested.addTimeout(timeout, clock)
-        response = yield requested
-        body = yield readBody(response).addTimeout(timeout, clock)
+        requested = client.get(url, headers={"Accept": "application/json"})
+        response = yield requested.addTimeout(timeout, clock)
+        body = yield treq.content(response).addTimeout(timeout, clock)
         if response.code != 200:
             raise ValueError(f"{url} answered HTTP {response.code}")
         return json.loads(body)
@@ -237,7 +236,9 @@ class ExoscaleProvisioner:
                 version = yield self._fetch_json(f"{url}/api/version")
                 tags = yield self._fetch_json(f"{url}/api/tags")
             except Exception as error:
-                log.debug("Ollama at {url} is not up yet: {error}", url=url, error=error)
+                log.debug(
+                    "Ollama at {url} is not up yet: {error}", url=url, error=error
+                )
             else:
                 if self._config.model in model_names(tags):
                     self._catalog.record(version, tags)

@@ -12,7 +12,11 @@ from io import BytesIO
 from typing import Callable
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    DNSLookupError,
+)
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -188,6 +192,8 @@ class ProxiedExchange:
         if self._body is not None:
             headers.removeHeader(b"content-encoding")
             producer = FileBodyProducer(BytesIO(self._body))
+        elif getattr(request, "body_stream", None) is not None:
+            producer = request.body_stream
         elif request.content is not None and self._has_body():
             request.content.seek(0)
             producer = FileBodyProducer(request.content)

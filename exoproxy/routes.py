@@ -102,3 +102,11 @@ def match_route(method: bytes, path: str) -> Route:
                 return route
             raise MethodNotAllowed(route.methods)
     raise RouteNotFound(path)
+
+
+def streams_request_body(method: bytes, path: bytes) -> bool:
+    """
+    Return whether a request's body is relayed while it arrives instead of first
+    being received whole: true for blob uploads, which can be many GiB.
+    """
+    return method == b"POST" and path.startswith(b"/api/blobs/")

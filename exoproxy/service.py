@@ -26,8 +26,10 @@ from exoproxy.cors import CorsPolicy
 from exoproxy.gateway import BackendSource, Gateway
 from exoproxy.lifecycle import Backend, InstanceLifecycle
 from exoproxy.provisioner import ExoscaleProvisioner, json_fetcher
+from exoproxy.routes import streams_request_body
 from exoproxy.sources import FixedBackendSource, LifecycleSource
 from exoproxy.status import build_status
+from exoproxy.streaming import StreamingRequest
 
 log = Logger()
 
@@ -46,6 +48,10 @@ def _access_log_line(timestamp: str, request: Any) -> str:
         f'{path} {request.clientproto.decode("ascii", "replace")}" '
         f"{request.code} {request.sentLength or '-'}"
     )
+
+
+class _ExoproxyRequest(StreamingRequest):
+    streams_body = staticmethod(streams_request_body)
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -117,15 +123,19 @@ class ExoproxyService(MultiService):
             cors=CorsPolicy(),
             upstream_idle_timeout=config.upstream_idle_timeout,
         )
-        site = Site(gateway, logFormatter=_access_log_line)
+        site = Site(
+            gateway,
+            logFormatter=_access_log_line,
+            reactor=self._reactor,
+            parsePOSTFormSubmission=False,
+        )
+        site.requestFactory = _ExoproxyRequest
         site.noisy = False
 
         for description in config.listen:
             port = yield serverFromString(self._reactor, description).listen(site)
             self._ports.append(port)
-            log.info(
-                "exoproxy listening on {address}", address=str(port.getHost())
-            )
+            log.info("exoproxy listening on {address}", address=str(port.getHost()))
         if self.lifecycle is not None:
             self._idle_loop.start(config.idle_check_interval, now=False)
         self._listening.callback(self._ports)
@@ -178,8 +188,8 @@ class ExoproxyService(MultiService):
 
     @inlineCallbacks
     def _start_simulator(self):
-        from exoproxy.simulator.cloud import SimulatorTimings
         from exoproxy.simulator.service import SimulatorService
+        from exoproxy.simulator.timers import SimulatorTimings
 
         timings = SimulatorTimings(boot_delay=self.config.simulate_boot_delay)
         self.simulator = SimulatorService(

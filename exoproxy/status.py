@@ -69,7 +69,9 @@ def build_status(service: ExoproxyService, source: BackendSource) -> dict[str, A
     )
     if state == "ready":
         remaining = config.idle_timeout - activity.idle_for()
-        status["idle_stop_in"] = None if activity.in_flight else round(max(remaining, 0), 1)
+        status["idle_stop_in"] = (
+            None if activity.in_flight else round(max(remaining, 0), 1)
+        )
     if lifecycle.error:
         status["error"] = lifecycle.error
     if state == "error" and lifecycle.retry_at is not None:

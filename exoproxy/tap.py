@@ -109,7 +109,7 @@ _PARAMETERS: tuple[tuple[str, str, str | None, str], ...] = (
     (
         "poll-interval",
         "EXOPROXY_POLL_INTERVAL",
-        "3",
+        "1",
         "Seconds between polls of an API operation or of Ollama's readiness.",
     ),
     (

@@ -8,10 +8,10 @@ import json
 import socket
 from typing import Any
 
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
-from twisted.web.client import Agent, readBody
 
 from exoproxy.tap import Options, makeService
 
@@ -39,7 +39,9 @@ def simulated_arguments(**overrides: Any) -> list[str]:
         "ready-timeout": "60",
         "api-timeout": "10",
     }
-    settings.update({key.replace("_", "-"): str(value) for key, value in overrides.items()})
+    settings.update(
+        {key.replace("_", "-"): str(value) for key, value in overrides.items()}
+    )
     arguments = ["--simulate"]
     for name, value in settings.items():
         arguments += [f"--{name}", value]
@@ -64,8 +66,8 @@ def get_json(url: str):
     """
     GET a URL and return its status code and parsed JSON body.
     """
-    response = yield Agent(reactor).request(b"GET", url.encode("ascii"))
-    body = yield readBody(response)
+    response = yield treq.get(url)
+    body = yield treq.content(response)
     return response.code, json.loads(body)
 
 

@@ -168,7 +168,10 @@ def test_stopped_instance_started_and_address_reread():
             "list_instances": [{"instances": [instance("stopped", "127.0.0.5")]}],
             "start_instance": [operation("pending")],
             "get_operation": [operation("pending"), operation("success")],
-            "get_instance": [instance("starting", ""), instance("running", "127.0.0.6")],
+            "get_instance": [
+                instance("starting", ""),
+                instance("running", "127.0.0.6"),
+            ],
         },
         Ollama(0, 0),
     )
@@ -186,16 +189,25 @@ def test_no_instance_creates_one():
             "list_templates": [
                 {
                     "templates": [
-                        {"id": "t-old", "name": "Linux Ubuntu 24.04 LTS 64-bit",
-                         "created-at": "2024-01-01T00:00:00Z"},
-                        {"id": "t-new", "name": "Linux Ubuntu 24.04 LTS 64-bit",
-                         "created-at": "2025-01-01T00:00:00Z"},
+                        {
+                            "id": "t-old",
+                            "name": "Linux Ubuntu 24.04 LTS 64-bit",
+                            "created-at": "2024-01-01T00:00:00Z",
+                        },
+                        {
+                            "id": "t-new",
+                            "name": "Linux Ubuntu 24.04 LTS 64-bit",
+                            "created-at": "2025-01-01T00:00:00Z",
+                        },
                     ]
                 }
             ],
             "list_instance_types": [
-                {"instance-types": [{"id": "type-1", "family": "gpua5000",
-                                     "size": "small"}]}
+                {
+                    "instance-types": [
+                        {"id": "type-1", "family": "gpua5000", "size": "small"}
+                    ]
+                }
             ],
             "list_security_groups": [{"security-groups": []}],
             "create_security_group": [operation("success", "sg-1")],
