@@ -108,6 +108,8 @@ def relay_response_headers(response: IResponse, request: Request) -> None:
     # response keeps exactly the backend's content type, or none.
     request.defaultContentType = None
 
+    # NOTE: Twisted's HTTP client keeps the backend's Connection header to itself
+    # (it is not in response.headers), so a header that it names is relayed.
     dropped = _RESPONSE_HEADERS_NOT_RELAYED | _connection_listed(response.headers)
     for name, values in response.headers.getAllRawHeaders():
         if name.lower() not in dropped:
@@ -251,6 +253,9 @@ class ProxiedExchange:
             response.deliverBody(_Discard())
             return
         relay_response_headers(response, self._request)
+        # twisted.web sends the status line and headers with the first write; an
+        # empty write sends them now, so a client sees them before a slow body.
+        self._request.write(b"")
         response.deliverBody(_BodyRelay(self))
 
     def _request_failed(self, failure: Failure) -> None:
