@@ -39,3 +39,18 @@ class BackendCatalog:
         if ":" not in name:
             name = f"{name}:latest"
         return {"models": [{"name": name, "model": name}]}
+
+    def openai_models(self) -> dict[str, Any]:
+        """
+        Return the last model list in the shape of OpenAI's `/v1/models`.
+        """
+        models = [
+            {
+                "id": model.get("name") or model.get("model"),
+                "object": "model",
+                "created": 0,
+                "owned_by": "library",
+            }
+            for model in self.tags()["models"]
+        ]
+        return {"object": "list", "data": models}

@@ -79,6 +79,10 @@ class Config:
     poll_interval: float
     connect_timeout: float
     upstream_idle_timeout: float
+    hold_timeout: float
+    max_held_requests: int
+    local_routes: frozenset[str]
+    allowed_origins: tuple[str, ...]
     simulate: bool
     simulate_boot_delay: float
 

@@ -8,8 +8,10 @@ import json
 import zlib
 from typing import Any, Callable
 
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -20,7 +22,12 @@ from exoproxy.cors import CorsPolicy
 from exoproxy.errors import send_error
 from exoproxy.lifecycle import Backend
 from exoproxy.proxy import ProxiedExchange
-from exoproxy.routes import MethodNotAllowed, Route, RouteNotFound, match_route
+from exoproxy.routes import (
+    DEFAULT_LOCAL_ROUTES,
+    MethodNotAllowed,
+    RouteNotFound,
+    match_route,
+)
 
 log = Logger()
 
@@ -42,10 +49,18 @@ class BackendSource:
     def demand(self) -> None:
         raise NotImplementedError
 
+    def wait_until_ready(self) -> Deferred[Backend]:
+        """
+        Return a Deferred that fires with the backend once it is ready, or fails
+        with the reason when bringing it up fails. Cancelling it stops the wait.
+        """
+        raise NotImplementedError
+
     def unavailable(self) -> tuple[str, dict[str, Any], int]:
         """
         Return the message, the extra JSON fields and the Retry-After seconds of the
-        503 for a request that arrives while no backend is ready.
+        503 for a request that arrives while no backend is ready. The extra fields
+        include "provisioning", which is true while a cold start is under way.
         """
         raise NotImplementedError
 
@@ -109,7 +124,19 @@ class Gateway(Resource):
         status: Callable[[], dict[str, Any]],
         cors: CorsPolicy,
         upstream_idle_timeout: float,
+        local_routes: frozenset[str] = DEFAULT_LOCAL_ROUTES,
+        hold_timeout: float = 0,
+        max_held_requests: int = 0,
     ) -> None:
+        """
+        Args:
+            local_routes: the paths that are answered locally while no backend is
+                ready, and that never count as activity.
+            hold_timeout: seconds that a request waits for a cold start before it
+                gets a 503; 0 answers 503 at once.
+            max_held_requests: how many requests may wait at once; the ones past it
+                get a 503 at once.
+        """
         super().__init__()
         self._source = source
         self._activity = activity
@@ -119,6 +146,10 @@ class Gateway(Resource):
         self._status = status
         self._cors = cors
         self._upstream_idle_timeout = upstream_idle_timeout
+        self._local_routes = local_routes
+        self._hold_timeout = hold_timeout
+        self._max_held_requests = max_held_requests
+        self.held_requests = 0
 
     def render(self, request: Request) -> bytes | int:
         path = request.path.decode("utf-8", "replace")
@@ -165,18 +196,76 @@ class Gateway(Resource):
                 send_error(request, error.code, str(error))
                 return NOT_DONE_YET
 
+        wakes = path not in self._local_routes
         backend = self._source.current_backend()
-        if backend is None and not route.wakes:
+        if backend is None and not wakes:
             return self._render_cold(request, path)
         if backend is None:
             self._source.demand()
             backend = self._source.current_backend()
-        if backend is None:
+        if backend is not None:
+            self._forward(request, wakes, backend, body)
+        elif self._hold_timeout <= 0:
             self._render_unavailable(request)
-            return NOT_DONE_YET
-
-        self._forward(request, route, backend, body)
+        elif self.held_requests >= self._max_held_requests:
+            log.warn(
+                "{held} requests already wait for the instance "
+                "(--max-held-requests); answering {method} {path} with 503",
+                held=self.held_requests,
+                method=request.method.decode("ascii", "replace"),
+                path=path,
+            )
+            self._render_unavailable(request)
+        else:
+            self._hold(request, path, backend_body=body)
         return NOT_DONE_YET
+
+    def _hold(self, request: Request, path: str, backend_body: bytes | None) -> None:
+        """
+        Make a request wait for the cold start, up to the hold timeout, and then
+        proxy it or answer 503.
+        """
+        self.held_requests += 1
+        waiter = self._source.wait_until_ready()
+        waiter.addTimeout(self._hold_timeout, self._clock)
+        client_gone = False
+
+        def release(result: Any) -> Any:
+            self.held_requests -= 1
+            return result
+
+        def ready(backend: Backend) -> None:
+            if not client_gone:
+                self._forward(request, True, backend, backend_body)
+
+        def failed(failure: Failure) -> None:
+            if client_gone:
+                return
+            if failure.check(TimeoutError):
+                log.info(
+                    "{method} {path} waited {timeout} s for the instance "
+                    "(--hold-timeout); answering 503",
+                    method=request.method.decode("ascii", "replace"),
+                    path=path,
+                    timeout=self._hold_timeout,
+                )
+            self._render_unavailable(request)
+
+        def disconnected(failure: Failure) -> None:
+            nonlocal client_gone
+            if waiter.called:
+                return
+            client_gone = True
+            log.info(
+                "The client of held request {method} {path} went away",
+                method=request.method.decode("ascii", "replace"),
+                path=path,
+            )
+            waiter.cancel()
+
+        waiter.addBoth(release)
+        waiter.addCallbacks(ready, failed)
+        request.notifyFinish().addErrback(disconnected)
 
     def _render_heartbeat(self, request: Request) -> bytes | int:
         if request.method not in (b"GET", b"HEAD"):
@@ -211,6 +300,8 @@ class Gateway(Resource):
             answer: dict[str, Any] = {"version": self._catalog.version}
         elif path == "/api/tags":
             answer = self._catalog.tags()
+        elif path == "/v1/models":
+            answer = self._catalog.openai_models()
         else:
             answer = {"models": []}
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
@@ -218,18 +309,22 @@ class Gateway(Resource):
 
     def _render_unavailable(self, request: Request) -> None:
         message, extra, retry_after = self._source.unavailable()
+        cold_start = b"true" if extra.get("provisioning") else b"false"
         send_error(
             request,
             503,
             message,
-            headers={b"retry-after": str(retry_after).encode("ascii")},
+            headers={
+                b"retry-after": str(retry_after).encode("ascii"),
+                b"x-exoproxy-cold-start": cold_start,
+            },
             **extra,
         )
 
     def _forward(
-        self, request: Request, route: Route, backend: Backend, body: bytes | None
+        self, request: Request, wakes: bool, backend: Backend, body: bytes | None
     ) -> None:
-        if route.wakes:
+        if wakes:
             self._activity.request_started()
             on_end = self._activity.request_finished
         else:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 
 import attrs
 from automat import TypeMachineBuilder, pep614
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -98,6 +98,15 @@ class _Core:
     instance_id: str | None = None
     backend: Backend | None = None
     run: Deferred[Any] | None = None
+    waiters: list[Deferred[Backend]] = field(default_factory=list)
+
+    def release_waiters(self, result: Backend | Failure) -> None:
+        """
+        Fire the Deferreds of the requests that wait for the instance.
+        """
+        self.waiters, waiting = [], self.waiters
+        for waiter in waiting:
+            waiter.callback(result)
 
     def set_phase(self, phase: str) -> None:
         if phase == self.phase:
@@ -167,6 +176,7 @@ def _build_machine() -> Callable[[_Core], Lifecycle]:
         core.instance_id = backend.instance_id
         core.set_phase("ready")
         core.on_ready(backend)
+        core.release_waiters(backend)
 
     @pep614(provisioning.upon(Lifecycle.provisioning_failed).to(error))
     def run_failed(lifecycle: Lifecycle, core: _Core, failure: Failure) -> None:
@@ -185,6 +195,7 @@ def _build_machine() -> Callable[[_Core], Lifecycle]:
             delay=delay,
         )
         core.set_phase("error")
+        core.release_waiters(failure)
 
     @pep614(error.upon(Lifecycle.demand).loop())
     def demand_in_error(lifecycle: Lifecycle, core: _Core) -> None:
@@ -284,6 +295,32 @@ class InstanceLifecycle:
 
     def current_backend(self) -> Backend | None:
         return self._machine.current_backend()
+
+    def wait_until_ready(self) -> Deferred[Backend]:
+        """
+        Return a Deferred that fires with the backend once the instance is ready,
+        or fails with the reason when the provisioning run fails.
+
+        Cancelling the Deferred stops the wait; it does not stop the run.
+        """
+        backend = self.current_backend()
+        if backend is not None:
+            return succeed(backend)
+
+        def stop_waiting(waiter: Deferred[Backend]) -> None:
+            if waiter in self._core.waiters:
+                self._core.waiters.remove(waiter)
+
+        waiter: Deferred[Backend] = Deferred(stop_waiting)
+        self._core.waiters.append(waiter)
+        return waiter
+
+    @property
+    def waiting(self) -> int:
+        """
+        The number of requests that wait for the instance.
+        """
+        return len(self._core.waiters)
 
     @property
     def state(self) -> str:

@@ -20,37 +20,30 @@ class Route:
         pattern: a regular expression that matches the whole path.
         methods: the methods that the route accepts; HEAD is listed only where
             Ollama serves it.
-        wakes: whether a request needs the instance and counts as activity. A
-            route that does not wake is answered locally while the instance is not
-            ready, and is proxied without counting as activity while it is.
         json_body: whether the request body must be a JSON object.
     """
 
     pattern: re.Pattern[str]
     methods: frozenset[bytes]
-    wakes: bool = True
     json_body: bool = False
 
 
-def _route(
-    path: str, *methods: str, wakes: bool = True, json_body: bool | None = None
-) -> Route:
+def _route(path: str, *methods: str, json_body: bool | None = None) -> Route:
     encoded = frozenset(method.encode("ascii") for method in methods)
     if json_body is None:
         json_body = bool(encoded & {b"POST", b"DELETE"})
     return Route(
         pattern=re.compile(f"^{path}$"),
         methods=encoded,
-        wakes=wakes,
         json_body=json_body,
     )
 
 
 # Routes of Ollama 0.5 to 0.12 (server/routes.go), and its OpenAI-compatible API.
 ROUTES: tuple[Route, ...] = (
-    _route("/api/version", "GET", "HEAD", wakes=False),
-    _route("/api/tags", "GET", "HEAD", wakes=False),
-    _route("/api/ps", "GET", wakes=False),
+    _route("/api/version", "GET", "HEAD"),
+    _route("/api/tags", "GET", "HEAD"),
+    _route("/api/ps", "GET"),
     _route("/api/generate", "POST"),
     _route("/api/chat", "POST"),
     _route("/api/embed", "POST"),
@@ -69,6 +62,31 @@ ROUTES: tuple[Route, ...] = (
     _route("/v1/models", "GET"),
     _route("/v1/models/.+", "GET"),
 )
+
+
+# The polling routes that exoproxy can answer from memory while the instance is not
+# ready. Clients such as Open WebUI and editor plugins poll them every few seconds,
+# so they must neither start the instance nor count as activity.
+LOCAL_CAPABLE_ROUTES = frozenset({"/api/version", "/api/tags", "/api/ps", "/v1/models"})
+DEFAULT_LOCAL_ROUTES = LOCAL_CAPABLE_ROUTES
+
+
+def parse_local_routes(value: str) -> frozenset[str]:
+    """
+    Parse a comma-separated list of local routes; an empty value makes every route
+    wake the instance.
+
+    Raises:
+        ValueError: a path is not one that exoproxy can answer locally.
+    """
+    paths = frozenset(part.strip() for part in value.split(",") if part.strip())
+    unknown = paths - LOCAL_CAPABLE_ROUTES
+    if unknown:
+        raise ValueError(
+            f"cannot answer {', '.join(sorted(unknown))} locally; choose from "
+            f"{', '.join(sorted(LOCAL_CAPABLE_ROUTES))}"
+        )
+    return paths
 
 
 class RouteNotFound(LookupError):

@@ -120,9 +120,13 @@ class ExoproxyService(MultiService):
             agent=self._agent,
             clock=self._clock,
             status=lambda: build_status(self, source),
-            cors=CorsPolicy(),
+            cors=CorsPolicy(config.allowed_origins),
             upstream_idle_timeout=config.upstream_idle_timeout,
+            local_routes=config.local_routes,
+            hold_timeout=config.hold_timeout,
+            max_held_requests=config.max_held_requests,
         )
+        self.gateway = gateway
         site = Site(
             gateway,
             logFormatter=_access_log_line,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
+
 from exoproxy.config import Config
 from exoproxy.gateway import BackendSource
 from exoproxy.lifecycle import Backend, InstanceLifecycle
@@ -36,6 +38,9 @@ class FixedBackendSource(BackendSource):
     def demand(self) -> None:
         pass
 
+    def wait_until_ready(self) -> Deferred[Backend]:
+        return succeed(self._backend)
+
     def unavailable(self) -> tuple[str, dict[str, Any], int]:
         raise AssertionError("a fixed backend is always available")
 
@@ -54,6 +59,9 @@ class LifecycleSource(BackendSource):
 
     def demand(self) -> None:
         self.lifecycle.demand()
+
+    def wait_until_ready(self) -> Deferred[Backend]:
+        return self.lifecycle.wait_until_ready()
 
     def unavailable(self) -> tuple[str, dict[str, Any], int]:
         lifecycle = self.lifecycle

@@ -13,6 +13,7 @@ from twisted.python import usage
 
 from exoproxy import config as _config
 from exoproxy.config import Config, ConfigError
+from exoproxy.routes import DEFAULT_LOCAL_ROUTES, parse_local_routes
 
 # Each option: the long name, the environment variable it also reads, the default and
 # the help text. The earlier Flask proxy's variable names are kept, so that its users
@@ -126,6 +127,28 @@ _PARAMETERS: tuple[tuple[str, str, str | None, str], ...] = (
         "client gets 504; 0 turns it off, because a model load can take minutes.",
     ),
     (
+        "hold-timeout",
+        "EXOPROXY_HOLD_TIMEOUT",
+        "0",
+        "Seconds that a request arriving during a cold start waits for the "
+        "instance before it gets 503; 0 answers 503 at once, as most clients "
+        "that do not retry need a value such as 600.",
+    ),
+    (
+        "max-held-requests",
+        "EXOPROXY_MAX_HELD_REQUESTS",
+        "100",
+        "Maximum number of requests that wait for a cold start at once; the "
+        "others get 503 at once.",
+    ),
+    (
+        "local-routes",
+        "EXOPROXY_LOCAL_ROUTES",
+        ",".join(sorted(DEFAULT_LOCAL_ROUTES)),
+        "Comma-separated polling routes that are answered from memory while the "
+        "instance is not ready and never count as activity; the others wake it.",
+    ),
+    (
         "simulate-boot-delay",
         "EXOPROXY_SIMULATE_BOOT_DELAY",
         "3",
@@ -160,6 +183,13 @@ class Options(usage.Options):
         self.environ = os.environ if environ is None else environ
         self["listen"] = []
         self["allow-cidr"] = []
+        self["allow-origin"] = []
+        self.docs["allow-origin"] = (
+            "Also accept browser requests from this origin, such as "
+            "https://webui.example.com or http://*.lan:*; repeatable. Ollama's own "
+            "default origins (localhost, 127.0.0.1, app:// and others) are always "
+            "accepted [env: OLLAMA_ORIGINS, separated by commas]."
+        )
         self.docs["allow-cidr"] = (
             "Open the backend port of the instance to this network (CIDR); "
             "repeatable. Required with a real account, so that Ollama is never open "
@@ -180,6 +210,9 @@ class Options(usage.Options):
 
     def opt_allow_cidr(self, network: str) -> None:
         self["allow-cidr"].append(network)
+
+    def opt_allow_origin(self, origin: str) -> None:
+        self["allow-origin"].append(origin)
 
     def opt_listen(self, endpoint: str) -> None:
         self["listen"].append(endpoint)
@@ -222,6 +255,20 @@ def _allowed_networks(
             "203.0.113.7/32 (0.0.0.0/0 opens it to everyone)"
         )
     return networks
+
+
+def _origins(options: Options, environ: Mapping[str, str]) -> tuple[str, ...]:
+    if options["allow-origin"]:
+        return tuple(options["allow-origin"])
+    from_environment = environ.get("OLLAMA_ORIGINS", "").split(",")
+    return tuple(origin.strip() for origin in from_environment if origin.strip())
+
+
+def _local_routes(value: str) -> frozenset[str]:
+    try:
+        return parse_local_routes(value)
+    except ValueError as error:
+        raise ConfigError(f"--local-routes: {error}") from None
 
 
 def _credentials(options: Options, environ: Mapping[str, str]) -> tuple[str, str]:
@@ -323,6 +370,15 @@ def build_config(options: Options, environ: Mapping[str, str]) -> Config:
         upstream_idle_timeout=_config.parse_number(
             "upstream-idle-timeout", options["upstream-idle-timeout"]
         ),
+        hold_timeout=_config.parse_number("hold-timeout", options["hold-timeout"]),
+        max_held_requests=_config.parse_integer(
+            "max-held-requests",
+            options["max-held-requests"],
+            minimum=0,
+            maximum=1_000_000,
+        ),
+        local_routes=_local_routes(options["local-routes"]),
+        allowed_origins=_origins(options, environ),
         simulate=bool(options["simulate"]),
         simulate_boot_delay=_config.parse_number(
             "simulate-boot-delay", options["simulate-boot-delay"]
