@@ -7,12 +7,14 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Mapping
+from pathlib import Path
 
 from twisted.application.service import IService
 from twisted.python import usage
 
 from exoproxy import config as _config
 from exoproxy.config import Config, ConfigError
+from exoproxy.logs import observer_for_format, parse_log_format
 from exoproxy.routes import DEFAULT_LOCAL_ROUTES, parse_local_routes
 
 # Each option: the long name, the environment variable it also reads, the default and
@@ -149,6 +151,13 @@ _PARAMETERS: tuple[tuple[str, str, str | None, str], ...] = (
         "instance is not ready and never count as activity; the others wake it.",
     ),
     (
+        "log-format",
+        "EXOPROXY_LOG_FORMAT",
+        "text",
+        "Log format: text, twistd's lines for a person, or json, one JSON object "
+        "per line on standard output (use it with --nodaemon).",
+    ),
+    (
         "simulate-boot-delay",
         "EXOPROXY_SIMULATE_BOOT_DELAY",
         "3",
@@ -202,6 +211,12 @@ class Options(usage.Options):
             "ssl:11434:privateKey=key.pem:certKey=cert.pem; repeatable "
             "[default: tcp:11434] [env: EXOPROXY_LISTEN, separated by spaces]."
         )
+        self["metrics-listen"] = []
+        self.docs["metrics-listen"] = (
+            "Serve /metrics on this Twisted endpoint string instead of on the main "
+            "listeners, which then answer it with 404; repeatable "
+            "[env: EXOPROXY_METRICS_LISTEN, separated by spaces]."
+        )
         for name, env, _default, _doc in _PARAMETERS:
             if self.environ.get(env):
                 self[name] = self.environ[env]
@@ -216,6 +231,9 @@ class Options(usage.Options):
 
     def opt_listen(self, endpoint: str) -> None:
         self["listen"].append(endpoint)
+
+    def opt_metrics_listen(self, endpoint: str) -> None:
+        self["metrics-listen"].append(endpoint)
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """
@@ -232,6 +250,11 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         self.config = build_config(self, self.environ)
+        self.log_format = parse_log_format(self["log-format"])
+        self.metrics_listen = tuple(
+            self["metrics-listen"]
+            or self.environ.get("EXOPROXY_METRICS_LISTEN", "").split()
+        )
 
 
 def _listen_endpoints(options: Options, environ: Mapping[str, str]) -> tuple[str, ...]:
@@ -276,23 +299,53 @@ def _credentials(options: Options, environ: Mapping[str, str]) -> tuple[str, str
         # The simulated cloud accepts exactly this pair, which lives only in memory.
         return "EXOsimulated", secrets.token_urlsafe(32)
 
-    key = options["api-key"] or ""
+    key = options["api-key"] or _read_credential(environ, "exoscale-api-key") or ""
     if options["api-secret-file"]:
         secret = _config.read_secret_file(options["api-secret-file"])
     else:
-        secret = environ.get("EXOSCALE_API_SECRET", "")
+        secret = environ.get("EXOSCALE_API_SECRET", "") or (
+            _read_credential(environ, "exoscale-api-secret") or ""
+        )
 
     if not key:
         raise ConfigError(
-            "--api-key: missing Exoscale API key; set EXOSCALE_API_KEY, or use "
-            "--simulate to try exoproxy without an account"
+            "--api-key: missing Exoscale API key; set EXOSCALE_API_KEY or the "
+            "systemd credential exoscale-api-key, or use --simulate to try "
+            "exoproxy without an account"
         )
     if not secret:
         raise ConfigError(
-            "missing Exoscale API secret; set EXOSCALE_API_SECRET or "
-            "--api-secret-file, or use --simulate"
+            "missing Exoscale API secret; set EXOSCALE_API_SECRET, "
+            "--api-secret-file or the systemd credential exoscale-api-secret, or "
+            "use --simulate"
         )
     return key, secret
+
+
+def _read_credential(environ: Mapping[str, str], name: str) -> str | None:
+    """
+    Return a systemd credential (LoadCredential=NAME:PATH) without its trailing
+    newline, or None when the daemon has no credential of that name.
+
+    Raises:
+        ConfigError: the credential exists but cannot be read or is empty. The
+            message names the file but never its content.
+    """
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = Path(directory) / name
+    if not path.exists():
+        return None
+    try:
+        value = path.read_text().strip()
+    except OSError as error:
+        raise ConfigError(
+            f"credential {name}: cannot read {str(path)!r}: {error.strerror}"
+        ) from None
+    if not value:
+        raise ConfigError(f"credential {name}: {str(path)!r} is empty")
+    return value
 
 
 def build_config(options: Options, environ: Mapping[str, str]) -> Config:
@@ -392,6 +445,23 @@ def makeService(options: Options) -> IService:
     """
     from twisted.internet import reactor
 
+    from exoproxy.notify import SystemdNotifier
     from exoproxy.service import ExoproxyService
 
-    return ExoproxyService(options.config, reactor=reactor)
+    config = options.config
+    if not (config.simulate or config.fixed_backend or reactor.running):
+        # twistd builds the service before it starts the reactor, so these blocking
+        # calls block nothing; a daemon built inside a running reactor skips them.
+        from exoproxy.preflight import check_account
+
+        try:
+            check_account(config)
+        except ConfigError as error:
+            raise SystemExit(f"exoproxy: {error}") from None
+    return ExoproxyService(
+        config,
+        reactor=reactor,
+        metrics_listen=options.metrics_listen,
+        notifier=SystemdNotifier.from_environment(options.environ),
+        log_observer=observer_for_format(options.log_format),
+    )
