@@ -21,6 +21,10 @@
 #   OLLAMA_MODEL            Model that the instance pulls, such as llama3.2:1b.
 #   EXOPROXY_LISTEN         Twisted endpoints to listen on, separated by spaces.
 #                           The default, tcp:11434, listens on all interfaces.
+#   EXOPROXY_LOG_FORMAT     text (the default) or json: one JSON object per line
+#                           on standard output, for a log shipper.
+#   EXOPROXY_METRICS_LISTEN Endpoints that serve only /metrics (Prometheus),
+#                           such as tcp:9464; without it the main port serves it.
 # The image sets none of them, so the defaults of `twistd exoproxy` apply.
 
 FROM python:3.11-slim

@@ -17,6 +17,8 @@ import exoscale
 from twisted.python.url import URL
 
 IDLE_ACTIONS = ("stop", "destroy")
+# The actions on an instance that did not become ready, or when the daemon exits.
+INSTANCE_ACTIONS = ("stop", "destroy", "keep")
 
 # Families that the earlier proxy named without the API's "gpu" prefix.
 _FAMILY_ALIASES = {"a5000": "gpua5000", "a30": "gpua30", "3080ti": "gpu3080ti"}
@@ -54,7 +56,10 @@ class Config:
     """
     The settings of one exoproxy daemon.
 
-    Durations are in seconds. A timeout of 0 means no timeout.
+    Durations are in seconds. A timeout of 0 means no timeout. `state_dir` is None
+    with --simulate when no directory is given, and the service then keeps the key
+    material in a temporary directory. An empty `client_tokens` accepts every
+    client.
     """
 
     listen: tuple[str, ...]
@@ -85,6 +90,26 @@ class Config:
     allowed_origins: tuple[str, ...]
     simulate: bool
     simulate_boot_delay: float
+    # The security settings are keyword-only, so they can follow fields with
+    # defaults in any order.
+    state_dir: str | None = attrs.field(default=None, kw_only=True)
+    client_tokens: tuple[str, ...] = attrs.field(default=(), kw_only=True, repr=False)
+    ssh_networks: tuple[str, ...] = attrs.field(default=(), kw_only=True)
+    ssh_key: str | None = attrs.field(default=None, kw_only=True)
+    # The fault handling settings. They set the actions on an instance that did not
+    # become ready and at exit, the cost guard (0 is off), the retries of API calls
+    # and of provisioning runs, and the bounds of stops and of the shutdown.
+    on_ready_timeout: str = attrs.field(default="stop", kw_only=True)
+    on_exit: str = attrs.field(default="stop", kw_only=True)
+    max_instance_hours: float = attrs.field(default=0.0, kw_only=True)
+    api_retries: int = attrs.field(default=5, kw_only=True)
+    api_retry_delay: float = attrs.field(default=1.0, kw_only=True)
+    api_retry_max_delay: float = attrs.field(default=30.0, kw_only=True)
+    run_retry_delay: float = attrs.field(default=10.0, kw_only=True)
+    run_retry_max_delay: float = attrs.field(default=600.0, kw_only=True)
+    stop_timeout: float = attrs.field(default=600.0, kw_only=True)
+    shutdown_timeout: float = attrs.field(default=60.0, kw_only=True)
+    client_timeout: float = attrs.field(default=60.0, kw_only=True)
 
     @property
     def fixed_backend(self) -> bool:
@@ -212,9 +237,18 @@ def parse_idle_action(value: str) -> str:
     return value
 
 
-def parse_networks(values: list[str]) -> tuple[str, ...]:
+def parse_instance_action(option: str, value: str) -> str:
+    if value not in INSTANCE_ACTIONS:
+        raise ConfigError(
+            f"--{option}: invalid value {value!r}; use one of "
+            f"{', '.join(INSTANCE_ACTIONS)}"
+        )
+    return value
+
+
+def parse_networks(values: list[str], option: str = "allow-cidr") -> tuple[str, ...]:
     """
-    Parse the networks that may reach the backend port, in CIDR notation.
+    Parse the networks that may reach a port of the instance, in CIDR notation.
     """
     networks = []
     for value in values:
@@ -222,7 +256,7 @@ def parse_networks(values: list[str]) -> tuple[str, ...]:
             networks.append(str(ipaddress.ip_network(value.strip(), strict=False)))
         except ValueError:
             raise ConfigError(
-                f"--allow-cidr: invalid network {value!r}; use CIDR notation such "
+                f"--{option}: invalid network {value!r}; use CIDR notation such "
                 "as 203.0.113.7/32"
             ) from None
     return tuple(networks)

@@ -17,10 +17,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from exoproxy.activity import ActivityTracker
+from exoproxy.auth import ClientTokens
 from exoproxy.catalog import BackendCatalog
 from exoproxy.cors import CorsPolicy
 from exoproxy.errors import send_error
-from exoproxy.lifecycle import Backend
+from exoproxy.lifecycle import Backend, ShuttingDown
+from exoproxy.metrics import DaemonMetrics
 from exoproxy.proxy import ProxiedExchange
 from exoproxy.routes import (
     DEFAULT_LOCAL_ROUTES,
@@ -28,6 +30,7 @@ from exoproxy.routes import (
     RouteNotFound,
     match_route,
 )
+from exoproxy.status_page import prefers_html, render_status_page
 
 log = Logger()
 
@@ -127,6 +130,10 @@ class Gateway(Resource):
         local_routes: frozenset[str] = DEFAULT_LOCAL_ROUTES,
         hold_timeout: float = 0,
         max_held_requests: int = 0,
+        metrics: DaemonMetrics | None = None,
+        serves_metrics: bool = False,
+        client_tokens: ClientTokens | None = None,
+        on_backend_failure: Callable[[str, str], None] = lambda url, reason: None,
     ) -> None:
         """
         Args:
@@ -136,6 +143,14 @@ class Gateway(Resource):
                 gets a 503; 0 answers 503 at once.
             max_held_requests: how many requests may wait at once; the ones past it
                 get a 503 at once.
+            metrics: the daemon's metrics, which count the bytes relayed.
+            serves_metrics: whether `/metrics` is served here; without it the path
+                gets 404, as when the metrics have their own listener.
+            client_tokens: the bearer tokens that every request except `GET /`,
+                `HEAD /` and CORS preflights must carry; None accepts any client.
+            on_backend_failure: called with the backend's URL and the reason when
+                a request cannot connect to the backend or the backend breaks off
+                a response.
         """
         super().__init__()
         self._source = source
@@ -149,6 +164,10 @@ class Gateway(Resource):
         self._local_routes = local_routes
         self._hold_timeout = hold_timeout
         self._max_held_requests = max_held_requests
+        self._metrics = metrics
+        self._serves_metrics = serves_metrics and metrics is not None
+        self._client_tokens = client_tokens
+        self._on_backend_failure = on_backend_failure
         self.held_requests = 0
 
     def render(self, request: Request) -> bytes | int:
@@ -166,10 +185,23 @@ class Gateway(Resource):
                 return self._cors.answer_preflight(request, origin)
             self._cors.add_headers(request, origin)
 
+        if not self._authenticated(request, path):
+            send_error(
+                request,
+                401,
+                "unauthorized: missing or invalid API key; send it as "
+                "Authorization: Bearer TOKEN, or set OLLAMA_API_KEY for the ollama "
+                "clients",
+                headers={b"www-authenticate": b'Bearer realm="exoproxy"'},
+            )
+            return NOT_DONE_YET
+
         if path == "/":
             return self._render_heartbeat(request)
         if path == "/status":
             return self._render_status(request)
+        if path == "/metrics" and self._serves_metrics:
+            return self._render_metrics(request)
 
         try:
             route = match_route(request.method, path)
@@ -187,6 +219,9 @@ class Gateway(Resource):
             )
             return NOT_DONE_YET
 
+        # A JSON body is read whole to check it, so that a malformed request is
+        # answered without waking the instance; the bytes sent upstream are the
+        # client's, decompressed at most. Blob uploads stream instead.
         body = None
         if route.json_body:
             try:
@@ -220,12 +255,25 @@ class Gateway(Resource):
             self._hold(request, path, backend_body=body)
         return NOT_DONE_YET
 
+    def _authenticated(self, request: Request, path: str) -> bool:
+        # The heartbeat stays open, because clients and health checks probe it
+        # before they send anything else.
+        if self._client_tokens is None:
+            return True
+        if path == "/" and request.method in (b"GET", b"HEAD"):
+            return True
+        if self._client_tokens.accepts(request):
+            return True
+        self._client_tokens.record_rejection(request, path)
+        return False
+
     def _hold(self, request: Request, path: str, backend_body: bytes | None) -> None:
         """
         Make a request wait for the cold start, up to the hold timeout, and then
         proxy it or answer 503.
         """
         self.held_requests += 1
+        request.held = True
         waiter = self._source.wait_until_ready()
         waiter.addTimeout(self._hold_timeout, self._clock)
         client_gone = False
@@ -240,6 +288,14 @@ class Gateway(Resource):
 
         def failed(failure: Failure) -> None:
             if client_gone:
+                return
+            if failure.check(ShuttingDown):
+                send_error(
+                    request,
+                    503,
+                    "exoproxy is shutting down",
+                    headers={b"retry-after": b"10"},
+                )
                 return
             if failure.check(TimeoutError):
                 log.info(
@@ -288,9 +344,28 @@ class Gateway(Resource):
                 headers={b"allow": b"GET, HEAD"},
             )
             return NOT_DONE_YET
-        request.setHeader(b"content-type", b"application/json; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"vary", b"Accept")
+        if prefers_html(request):
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            return render_status_page(self._status())
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
         return json.dumps(self._status(), indent=2).encode("utf-8") + b"\n"
+
+    def _render_metrics(self, request: Request) -> bytes | int:
+        """
+        Render the Prometheus metrics; this never wakes the instance and is not
+        activity.
+        """
+        if request.method not in (b"GET", b"HEAD"):
+            send_error(
+                request,
+                405,
+                "method not allowed for /metrics",
+                headers={b"allow": b"GET, HEAD"},
+            )
+            return NOT_DONE_YET
+        return self._metrics.resource.render(request)
 
     def _render_cold(self, request: Request, path: str) -> bytes:
         """
@@ -332,13 +407,21 @@ class Gateway(Resource):
             def on_end() -> None:
                 pass
 
+        def count_and_end() -> None:
+            if self._metrics is not None:
+                self._metrics.upstream_bytes.inc(exchange.bytes_relayed)
+            on_end()
+
         exchange = ProxiedExchange(
             request,
             agent=self._agent,
             clock=self._clock,
             backend_url=backend.url,
             idle_timeout=self._upstream_idle_timeout,
-            on_end=on_end,
+            on_end=count_and_end,
             body=body,
+            on_backend_failure=lambda reason: self._on_backend_failure(
+                backend.url, reason
+            ),
         )
         exchange.start()

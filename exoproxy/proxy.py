@@ -33,6 +33,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 from twisted.web.server import Request
 
+from exoproxy.backend_tls import describe_tls_error, find_tls_error
 from exoproxy.errors import send_error
 
 log = Logger()
@@ -165,11 +166,15 @@ class ProxiedExchange:
         idle_timeout: float,
         on_end: Callable[[], None],
         body: bytes | None = None,
+        on_backend_failure: Callable[[str], None] = lambda reason: None,
     ) -> None:
         """
         Args:
             body: the request body to send instead of the client's, after exoproxy
                 has decoded it; its Content-Encoding is then not forwarded.
+            on_backend_failure: called with the reason when the backend cannot be
+                reached or breaks off its response, so that it is checked before
+                the next request. A client that goes away is no such failure.
         """
         self._request = request
         self._body = body
@@ -178,6 +183,7 @@ class ProxiedExchange:
         self._backend_url = backend_url
         self._idle_timeout = idle_timeout
         self._on_end = on_end
+        self._on_backend_failure = on_backend_failure
         self._requested: Deferred[IResponse] | None = None
         self._upstream_transport = None
         self._idle_call: IDelayedCall | None = None
@@ -270,6 +276,8 @@ class ProxiedExchange:
         )
         send_error(self._request, code, message)
         self._end()
+        if not failure.check(CancelledError, ConnectingCancelledError):
+            self._on_backend_failure(message)
 
     def body_started(self, transport) -> None:
         self._upstream_transport = transport
@@ -301,6 +309,9 @@ class ProxiedExchange:
                 error=reason.getErrorMessage(),
             )
             self._abort_client()
+            self._end()
+            self._on_backend_failure("the backend broke off a response")
+            return
         self._end()
 
     def _abort_client(self) -> None:
@@ -353,6 +364,13 @@ def _describe_failure(failure: Failure, backend_url: str) -> tuple[int, str]:
         return 502, (
             f"cannot connect to the Ollama backend at {backend_url}: "
             f"{failure.getErrorMessage()}"
+        )
+    tls_error = find_tls_error(failure)
+    if tls_error is not None:
+        # The TLS policy logs the certificate that the backend presented.
+        return 502, (
+            f"the TLS handshake with the Ollama backend at {backend_url} failed "
+            f"({describe_tls_error(tls_error)}), so the request was not sent"
         )
     if failure.check(ResponseNeverReceived, ResponseFailed):
         return 502, f"the Ollama backend at {backend_url} closed the connection"

@@ -5,7 +5,10 @@ the idle timer and, with --simulate, the simulated cloud.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -14,19 +17,31 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.server import Site
 
+from exoproxy.access_log import AccessLoggedRequest, AccessLogSite
 from exoproxy.activity import ActivityTracker
+from exoproxy.auth import ClientTokens
+from exoproxy.backend_tls import (
+    BackendKeyring,
+    BackendTLSPolicy,
+    BackendAgent,
+    MaterialStore,
+)
 from exoproxy.catalog import BackendCatalog
 from exoproxy.cloud import ExoscaleCloud
 from exoproxy.config import Config
 from exoproxy.cors import CorsPolicy
 from exoproxy.gateway import BackendSource, Gateway
 from exoproxy.lifecycle import Backend, InstanceLifecycle
+from exoproxy.logs import give_observer_to_twistd
+from exoproxy.metrics import DaemonMetrics
+from exoproxy.notify import SystemdNotifier, status_line
 from exoproxy.provisioner import ExoscaleProvisioner, json_fetcher
+from exoproxy.retry import RetryPolicy
 from exoproxy.routes import streams_request_body
+from exoproxy.shutdown import shut_down_instance
 from exoproxy.sources import FixedBackendSource, LifecycleSource
 from exoproxy.status import build_status
 from exoproxy.streaming import StreamingRequest
@@ -34,23 +49,29 @@ from exoproxy.streaming import StreamingRequest
 log = Logger()
 
 
-def _access_log_line(timestamp: str, request: Any) -> str:
+def _server_endpoint(reactor: Any, description: str) -> Any:
     """
-    Format an access log line without the query string, which may carry tokens.
+    Parse a --listen or --metrics-listen endpoint string.
+
+    Raises:
+        ValueError: a systemd: endpoint names a socket that was not inherited.
     """
-    path = request.path.decode("utf-8", "replace")
-    if b"?" in request.uri:
-        path += "?[redacted]"
-    client = request.getClientAddress()
-    host = getattr(client, "host", "-")
-    return (
-        f'{host} - - {timestamp} "{request.method.decode("ascii", "replace")} '
-        f'{path} {request.clientproto.decode("ascii", "replace")}" '
-        f"{request.code} {request.sentLength or '-'}"
-    )
+    try:
+        return serverFromString(reactor, description)
+    except (IndexError, KeyError):
+        if not description.startswith("systemd:"):
+            raise
+        # Twisted (26.10) finds no inherited socket unless LISTEN_PID is this
+        # process and LISTEN_FDNAMES has one name per socket, which
+        # systemd-socket-activate only sets with --fdname.
+        raise ValueError(
+            f"{description}: no such socket was inherited from systemd; start "
+            "exoproxy through exoproxy.socket, or give systemd-socket-activate "
+            "--fdname=exoproxy"
+        ) from None
 
 
-class _ExoproxyRequest(StreamingRequest):
+class _ExoproxyRequest(AccessLoggedRequest, StreamingRequest):
     streams_body = staticmethod(streams_request_body)
 
 
@@ -66,7 +87,24 @@ class ExoproxyService(MultiService):
     L{when_listening} to learn the bound ports.
     """
 
-    def __init__(self, config: Config, *, reactor: Any, clock: Any = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        reactor: Any,
+        clock: Any = None,
+        metrics_listen: tuple[str, ...] = (),
+        notifier: SystemdNotifier | None = None,
+        log_observer: ILogObserver | None = None,
+    ) -> None:
+        """
+        Args:
+            metrics_listen: endpoint strings that serve only `/metrics`. When there
+                are any, the main listeners respond to `/metrics` with 404.
+            notifier: where readiness and status go, for systemd's Type=notify.
+            log_observer: the observer that twistd logs through, when it runs
+                this service; None keeps twistd's own.
+        """
         super().__init__()
         self.config = config
         self._reactor = reactor
@@ -82,11 +120,31 @@ class ExoproxyService(MultiService):
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 32
         self._pool._factory = _QuietClientFactory
-        self._agent = Agent(
-            reactor, connectTimeout=config.connect_timeout, pool=self._pool
+        # Both the proxy and the readiness checks reach the instance through this
+        # agent, so both verify its certificate and send its bearer secret.
+        self.backend_tls = BackendTLSPolicy(self._clock)
+        self._agent = BackendAgent(
+            Agent(
+                reactor,
+                contextFactory=self.backend_tls,
+                connectTimeout=config.connect_timeout,
+                pool=self._pool,
+            ),
+            self.backend_tls,
         )
+        self._temporary_state_dir: str | None = None
         self._idle_loop = LoopingCall(self._check_idle)
         self._idle_loop.clock = self._clock
+        self.metrics = DaemonMetrics(self._clock)
+        self._metrics_listen = metrics_listen
+        self.metrics_ports: list[IListeningPort] = []
+        self._notifier = notifier if notifier is not None else SystemdNotifier(None)
+        self._log_observer = log_observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self._log_observer is not None:
+            give_observer_to_twistd(parent, self._log_observer)
+        super().setServiceParent(parent)
 
     def when_listening(self) -> Deferred[list[IListeningPort]]:
         """
@@ -104,10 +162,15 @@ class ExoproxyService(MultiService):
 
     def _failed_to_start(self, failure: Any) -> None:
         log.failure("exoproxy failed to start", failure)
+        self._notifier.status(f"failed to start: {failure.getErrorMessage()}")
         if not self._listening.called:
             self._listening.errback(failure)
         if self._reactor.running:
             self._reactor.stop()
+        else:
+            # twistd starts the service before the reactor, so a failure that
+            # comes at once would otherwise leave a daemon that listens nowhere.
+            self._reactor.callWhenRunning(self._reactor.stop)
 
     @inlineCallbacks
     def _start(self):
@@ -119,30 +182,78 @@ class ExoproxyService(MultiService):
             catalog=self.catalog,
             agent=self._agent,
             clock=self._clock,
-            status=lambda: build_status(self, source),
+            status=lambda: self._status(source),
             cors=CorsPolicy(config.allowed_origins),
             upstream_idle_timeout=config.upstream_idle_timeout,
             local_routes=config.local_routes,
             hold_timeout=config.hold_timeout,
             max_held_requests=config.max_held_requests,
+            metrics=self.metrics,
+            serves_metrics=not self._metrics_listen,
+            client_tokens=(
+                ClientTokens(config.client_tokens, self._clock)
+                if config.client_tokens
+                else None
+            ),
+            on_backend_failure=self._backend_failed,
         )
         self.gateway = gateway
-        site = Site(
+        self.metrics.held_requests.set_function(lambda: gateway.held_requests)
+        site = AccessLogSite(
             gateway,
-            logFormatter=_access_log_line,
+            metrics=self.metrics,
             reactor=self._reactor,
             parsePOSTFormSubmission=False,
+            timeout=config.client_timeout,
         )
         site.requestFactory = _ExoproxyRequest
         site.noisy = False
 
         for description in config.listen:
-            port = yield serverFromString(self._reactor, description).listen(site)
+            port = yield _server_endpoint(self._reactor, description).listen(site)
             self._ports.append(port)
             log.info("exoproxy listening on {address}", address=str(port.getHost()))
+        yield self._listen_for_metrics()
         if self.lifecycle is not None:
             self._idle_loop.start(config.idle_check_interval, now=False)
         self._listening.callback(self._ports)
+        if self.lifecycle is not None and not config.simulate:
+            # A daemon that restarts finds the instance that its predecessor left
+            # running, so that the idle timer stops it. The simulated cloud starts
+            # empty, so there is nothing to find.
+            self.lifecycle.adopt()
+
+        if config.fixed_backend:
+            self._notifier.ready(f"ready: proxying to {config.backend_url}")
+        else:
+            self._notifier.ready("idle: waiting for a request that needs the model")
+
+    @inlineCallbacks
+    def _listen_for_metrics(self):
+        if not self._metrics_listen:
+            return
+        site = AccessLogSite(
+            self.metrics.site_root(),
+            metrics=self.metrics,
+            reactor=self._reactor,
+            parsePOSTFormSubmission=False,
+        )
+        site.noisy = False
+        for description in self._metrics_listen:
+            port = yield _server_endpoint(self._reactor, description).listen(site)
+            self.metrics_ports.append(port)
+            log.info(
+                "Metrics listening on {address}; the main listeners respond to "
+                "/metrics with 404",
+                address=str(port.getHost()),
+            )
+
+    def _phase_changed(self, state: str, phase: str) -> None:
+        # Called from inside a lifecycle transition: reading the lifecycle's error
+        # is safe, asking its state is not.
+        self.metrics.phase_changed(state, phase)
+        error = self.lifecycle.error if self.lifecycle is not None else None
+        self._notifier.status(status_line(state, phase, error))
 
     @inlineCallbacks
     def _make_source(self):
@@ -152,6 +263,7 @@ class ExoproxyService(MultiService):
                 "Proxying to the fixed backend {url}; no cloud calls are made",
                 url=config.backend_url,
             )
+            self.metrics.phase_changed("ready", "ready")
             return FixedBackendSource(Backend(url=config.backend_url))
 
         api_url = config.api_url
@@ -167,6 +279,12 @@ class ExoproxyService(MultiService):
             timeout=config.api_timeout,
             max_threads=config.api_threads,
             poll_interval=config.poll_interval,
+            on_call_ended=self.metrics.api_call_ended,
+            retry_policy=RetryPolicy(
+                attempts=config.api_retries,
+                initial_delay=config.api_retry_delay,
+                max_delay=config.api_retry_max_delay,
+            ),
         )
         self.cloud.start()
         provisioner = ExoscaleProvisioner(
@@ -175,10 +293,22 @@ class ExoproxyService(MultiService):
             config,
             json_fetcher(self._agent, self._clock, timeout=10),
             self.catalog,
+            keyring=self._make_keyring(),
         )
         self.provisioner = provisioner
+        self.metrics.watch_instance(lambda: provisioner.instance_state == "running")
         self.lifecycle = InstanceLifecycle(
-            self._clock, provisioner, on_ready=lambda backend: self.activity.touch()
+            self._clock,
+            provisioner,
+            on_ready=lambda backend: self.activity.touch(),
+            on_phase=self._phase_changed,
+            retry_delay=RetryPolicy(
+                initial_delay=config.run_retry_delay,
+                max_delay=config.run_retry_max_delay,
+            ).delay,
+            may_be_running=provisioner.may_be_running,
+            max_uptime=config.max_instance_hours * 3600,
+            on_demand=self.activity.touch,
         )
         log.info(
             "Managing instance {name} ({instance_type}) in zone {zone} through "
@@ -212,6 +342,34 @@ class ExoproxyService(MultiService):
         )
         return self.simulator.api_url
 
+    def _make_keyring(self) -> BackendKeyring:
+        state_dir = self.config.state_dir
+        if state_dir is None:
+            # The simulated cloud lives in memory, so its key material need not
+            # outlive the daemon.
+            state_dir = tempfile.mkdtemp(prefix="exoproxy-simulated-")
+            self._temporary_state_dir = state_dir
+        store = MaterialStore(Path(state_dir))
+        store.prepare()
+        log.info(
+            "Keeping the key material of the instance in {directory}",
+            directory=str(store.directory),
+        )
+        return BackendKeyring(
+            store, self.backend_tls, self.config.instance_name, self._clock
+        )
+
+    def _status(self, source: BackendSource) -> dict[str, Any]:
+        status = build_status(self, source)
+        status["client_authentication"] = bool(self.config.client_tokens)
+        if not self.config.fixed_backend:
+            status["backend_tls"] = self.backend_tls.status()
+        return status
+
+    def _backend_failed(self, url: str, reason: str) -> None:
+        if self.lifecycle is not None:
+            self.lifecycle.backend_failed(url, reason)
+
     def _check_idle(self) -> None:
         if self.activity.idle_for() >= self.config.idle_timeout:
             self.lifecycle.inputs.idle_expired()
@@ -219,19 +377,32 @@ class ExoproxyService(MultiService):
     @inlineCallbacks
     def stopService(self):
         log.info("exoproxy is stopping")
+        self._notifier.stopping()
         if self._idle_loop.running:
             self._idle_loop.stop()
-        stopping = [port.stopListening() for port in self._ports]
+        stopping = [port.stopListening() for port in self._ports + self.metrics_ports]
         self._ports = []
+        self.metrics_ports = []
         yield DeferredList(stopping)
         if self.lifecycle is not None:
-            self.lifecycle.cancel()
+            yield shut_down_instance(
+                config=self.config,
+                clock=self._clock,
+                lifecycle=self.lifecycle,
+                provisioner=self.provisioner,
+                cloud=self.cloud,
+                activity=self.activity,
+            )
         yield self._pool.closeCachedConnections()
         if self.cloud is not None:
             # Joining the pool's threads waits for calls in progress, which end
             # within the API timeout; a reactor thread does the waiting.
             yield deferToThread(self.cloud.stop)
+        if self._temporary_state_dir is not None:
+            shutil.rmtree(self._temporary_state_dir, ignore_errors=True)
+            self._temporary_state_dir = None
         yield super().stopService()
+        self._notifier.close()
         log.info("exoproxy stopped")
 
     @property

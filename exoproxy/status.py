@@ -7,6 +7,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from exoproxy.lifecycle import InstanceLifecycle
+from exoproxy.next_action import describe_next_action
 from exoproxy.sources import LifecycleSource
 
 if TYPE_CHECKING:
@@ -53,6 +55,7 @@ def build_status(service: ExoproxyService, source: BackendSource) -> dict[str, A
             instance_id=None,
             remote_url=backend.url if backend else None,
             phase="ready",
+            next_action="proxying every request to the fixed backend",
         )
         return status
 
@@ -76,4 +79,42 @@ def build_status(service: ExoproxyService, source: BackendSource) -> dict[str, A
         status["error"] = lifecycle.error
     if state == "error" and lifecycle.retry_at is not None:
         status["retry_in"] = round(max(lifecycle.retry_at - now, 0), 1)
+    status.update(_fault_handling(service, lifecycle, now))
     return status
+
+
+def _fault_handling(
+    service: ExoproxyService, lifecycle: InstanceLifecycle, now: float
+) -> dict[str, Any]:
+    """
+    Return what the daemon does next and the state of its fault handling.
+    """
+    config = service.config
+    api_retry = service.cloud.pending_retry() if service.cloud else None
+    fields: dict[str, Any] = {
+        "next_action": describe_next_action(
+            lifecycle=lifecycle,
+            config=config,
+            activity=service.activity,
+            api_retry=api_retry,
+            kept_instance_id=service.provisioner.kept_instance_id,
+            now=now,
+        ),
+        "error_needs_operator": lifecycle.error_is_permanent,
+        "last_stop_reason": lifecycle.stop_reason,
+        "on_ready_timeout": config.on_ready_timeout,
+        "on_exit": config.on_exit,
+        "max_instance_hours": config.max_instance_hours or None,
+        "instances_needing_attention": dict(service.provisioner.needs_attention),
+    }
+    if api_retry is not None:
+        fields["api_retry"] = {
+            "operation": api_retry.operation,
+            "attempt": api_retry.attempt,
+            "retry_in": round(max(api_retry.due - now, 0), 1),
+            "error": api_retry.error,
+        }
+    if lifecycle.max_uptime > 0 and lifecycle.up_since is not None:
+        left = lifecycle.up_since + lifecycle.max_uptime - now
+        fields["uptime_limit_in"] = round(max(left, 0), 1)
+    return fields

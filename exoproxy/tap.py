@@ -12,7 +12,9 @@ from pathlib import Path
 from twisted.application.service import IService
 from twisted.python import usage
 
+from exoproxy import auth
 from exoproxy import config as _config
+from exoproxy.backend_tls import default_state_dir
 from exoproxy.config import Config, ConfigError
 from exoproxy.logs import observer_for_format, parse_log_format
 from exoproxy.routes import DEFAULT_LOCAL_ROUTES, parse_local_routes
@@ -28,6 +30,33 @@ _PARAMETERS: tuple[tuple[str, str, str | None, str], ...] = (
         None,
         "Read the Exoscale API secret from this file instead of the "
         "EXOSCALE_API_SECRET environment variable.",
+    ),
+    (
+        "api-key-file",
+        "EXOPROXY_API_KEY_FILE",
+        None,
+        "Accept only clients that send one of the tokens in this file (one per "
+        "line; blank lines and # comments are ignored) as Authorization: Bearer "
+        "TOKEN, which the ollama clients send from OLLAMA_API_KEY. GET / and "
+        "HEAD / stay open. Without it, the systemd credential exoproxy-api-keys or "
+        "the "
+        "EXOPROXY_API_KEYS variable (tokens separated by spaces) is read; "
+        "without any, every client is accepted.",
+    ),
+    (
+        "state-dir",
+        "EXOPROXY_STATE_DIR",
+        None,
+        "Directory that keeps each instance's TLS key and secret, with mode 0700 "
+        "[default: $STATE_DIRECTORY, else /var/lib/exoproxy if writable, else "
+        "~/.local/state/exoproxy; a temporary directory with --simulate].",
+    ),
+    (
+        "ssh-key",
+        "EXOPROXY_SSH_KEY",
+        None,
+        "Name of an Exoscale SSH key that new instances accept; SSH is reachable "
+        "only from the networks of --allow-ssh-cidr.",
     ),
     ("zone", "EXOSCALE_ZONE", "at-vie-2", "Exoscale zone of the GPU instance."),
     (
@@ -86,8 +115,9 @@ _PARAMETERS: tuple[tuple[str, str, str | None, str], ...] = (
         "backend-port",
         "EXOPROXY_BACKEND_PORT",
         None,
-        "TCP port of Ollama on the instance [default: 11434, or 11435 with "
-        "--simulate, because the simulated instance shares this host].",
+        "TCP port of the TLS terminator in front of Ollama on the instance, "
+        "where Ollama itself listens on 127.0.0.1:11434 [default: 11443, or "
+        "11435 with --simulate, because the simulated instance shares this host].",
     ),
     (
         "idle-action",
@@ -163,6 +193,85 @@ _PARAMETERS: tuple[tuple[str, str, str | None, str], ...] = (
         "3",
         "With --simulate, seconds that a simulated instance takes to boot.",
     ),
+    (
+        "on-ready-timeout",
+        "EXOPROXY_ON_READY_TIMEOUT",
+        "stop",
+        "What to do with an instance that did not become ready (the ready "
+        "timeout passed, or it went into error or lost its public IP): stop, "
+        "destroy, or keep it running for inspection.",
+    ),
+    (
+        "on-exit",
+        "EXOPROXY_ON_EXIT",
+        "stop",
+        "What to do with the instance when the daemon shuts down: stop (the "
+        "default, so that no GPU hours are billed while nobody can use them), "
+        "destroy, or keep it running.",
+    ),
+    (
+        "max-instance-hours",
+        "EXOPROXY_MAX_INSTANCE_HOURS",
+        "0",
+        "Stop the instance after this many hours of continuous uptime, even "
+        "with requests in flight; 0 turns the limit off. The next request "
+        "starts it again.",
+    ),
+    (
+        "api-retries",
+        "EXOPROXY_API_RETRIES",
+        "5",
+        "Attempts of an Exoscale API call that fails with 429, 5xx, a timeout "
+        "or a connection error, the first attempt included.",
+    ),
+    (
+        "api-retry-delay",
+        "EXOPROXY_API_RETRY_DELAY",
+        "1",
+        "Seconds before the second attempt of an API call; the delay doubles, "
+        "with jitter, up to --api-retry-max-delay, and a longer Retry-After "
+        "wins.",
+    ),
+    (
+        "api-retry-max-delay",
+        "EXOPROXY_API_RETRY_MAX_DELAY",
+        "30",
+        "Maximum seconds between two attempts of an API call.",
+    ),
+    (
+        "run-retry-delay",
+        "EXOPROXY_RUN_RETRY_DELAY",
+        "10",
+        "Seconds after a failed cold start before a request may start another; "
+        "the delay doubles, with jitter, up to --run-retry-max-delay.",
+    ),
+    (
+        "run-retry-max-delay",
+        "EXOPROXY_RUN_RETRY_MAX_DELAY",
+        "600",
+        "Maximum seconds between two failed cold starts.",
+    ),
+    (
+        "stop-timeout",
+        "EXOPROXY_STOP_TIMEOUT",
+        "600",
+        "Seconds that stopping or deleting the instance may take before it is "
+        "an error.",
+    ),
+    (
+        "shutdown-timeout",
+        "EXOPROXY_SHUTDOWN_TIMEOUT",
+        "60",
+        "Seconds that the daemon's shutdown waits for requests in flight, for "
+        "the --on-exit action and for API calls in flight, each.",
+    ),
+    (
+        "client-timeout",
+        "EXOPROXY_CLIENT_TIMEOUT",
+        "60",
+        "Seconds that a client connection may stay silent while it sends a "
+        "request, or between requests, before it is closed.",
+    ),
 )
 
 
@@ -192,7 +301,13 @@ class Options(usage.Options):
         self.environ = os.environ if environ is None else environ
         self["listen"] = []
         self["allow-cidr"] = []
+        self["allow-ssh-cidr"] = []
         self["allow-origin"] = []
+        self.docs["allow-ssh-cidr"] = (
+            "Open SSH (TCP port 22) on new instances to this network (CIDR); "
+            "repeatable. SSH is closed by default, since exoproxy needs no shell "
+            "on the instance [env: EXOPROXY_ALLOW_SSH_CIDR, separated by spaces]."
+        )
         self.docs["allow-origin"] = (
             "Also accept browser requests from this origin, such as "
             "https://webui.example.com or http://*.lan:*; repeatable. Ollama's own "
@@ -225,6 +340,9 @@ class Options(usage.Options):
 
     def opt_allow_cidr(self, network: str) -> None:
         self["allow-cidr"].append(network)
+
+    def opt_allow_ssh_cidr(self, network: str) -> None:
+        self["allow-ssh-cidr"].append(network)
 
     def opt_allow_origin(self, origin: str) -> None:
         self["allow-origin"].append(origin)
@@ -278,6 +396,48 @@ def _allowed_networks(
             "203.0.113.7/32 (0.0.0.0/0 opens it to everyone)"
         )
     return networks
+
+
+def _ssh_networks(options: Options, environ: Mapping[str, str]) -> tuple[str, ...]:
+    values = (
+        options["allow-ssh-cidr"] or environ.get("EXOPROXY_ALLOW_SSH_CIDR", "").split()
+    )
+    return _config.parse_networks(values, option="allow-ssh-cidr")
+
+
+def _client_tokens(options: Options, environ: Mapping[str, str]) -> tuple[str, ...]:
+    if options["api-key-file"]:
+        return auth.read_tokens(options["api-key-file"])
+    from_credential = _read_credential(environ, auth.CREDENTIAL_NAME)
+    if from_credential is not None:
+        return auth.parse_tokens(from_credential, f"credential {auth.CREDENTIAL_NAME}")
+    from_environment = environ.get("EXOPROXY_API_KEYS", "")
+    if from_environment.strip():
+        return auth.parse_tokens(
+            "\n".join(from_environment.split()), "EXOPROXY_API_KEYS"
+        )
+    return ()
+
+
+def _state_dir(options: Options, environ: Mapping[str, str]) -> str | None:
+    if options["state-dir"]:
+        return options["state-dir"]
+    if options["simulate"]:
+        return None
+    return str(default_state_dir(environ))
+
+
+def _backend_port(options: Options) -> int:
+    default = "11435" if options["simulate"] else "11443"
+    port = _config.parse_integer(
+        "backend-port", options["backend-port"] or default, minimum=1, maximum=65535
+    )
+    if port == 11434 and not options["simulate"] and not options["backend-url"]:
+        raise ConfigError(
+            "--backend-port: 11434 is where Ollama listens on the instance, behind "
+            "the TLS terminator; use another port, such as the default 11443"
+        )
+    return port
 
 
 def _origins(options: Options, environ: Mapping[str, str]) -> tuple[str, ...]:
@@ -374,7 +534,6 @@ def build_config(options: Options, environ: Mapping[str, str]) -> Config:
             "exoscale-api-url", options["exoscale-api-url"]
         )
 
-    default_backend_port = "11435" if options["simulate"] else "11434"
     return Config(
         listen=_listen_endpoints(options, environ),
         zone=zone,
@@ -398,12 +557,7 @@ def build_config(options: Options, environ: Mapping[str, str]) -> Config:
             "api-threads", options["api-threads"], minimum=1, maximum=64
         ),
         backend_url=backend_url,
-        backend_port=_config.parse_integer(
-            "backend-port",
-            options["backend-port"] or default_backend_port,
-            minimum=1,
-            maximum=65535,
-        ),
+        backend_port=_backend_port(options),
         idle_action=_config.parse_idle_action(options["idle-action"]),
         allowed_networks=_allowed_networks(
             options, environ, needed=backend_url is None
@@ -436,7 +590,50 @@ def build_config(options: Options, environ: Mapping[str, str]) -> Config:
         simulate_boot_delay=_config.parse_number(
             "simulate-boot-delay", options["simulate-boot-delay"]
         ),
+        state_dir=None if backend_url else _state_dir(options, environ),
+        client_tokens=_client_tokens(options, environ),
+        ssh_networks=_ssh_networks(options, environ),
+        ssh_key=options["ssh-key"] or None,
+        **_fault_handling(options),
     )
+
+
+def _fault_handling(options: Options) -> dict[str, object]:
+    """
+    Validate the options of the fault handling, as keyword arguments of L{Config}.
+    """
+    number = _config.parse_number
+    return {
+        "on_ready_timeout": _config.parse_instance_action(
+            "on-ready-timeout", options["on-ready-timeout"]
+        ),
+        "on_exit": _config.parse_instance_action("on-exit", options["on-exit"]),
+        "max_instance_hours": number(
+            "max-instance-hours", options["max-instance-hours"]
+        ),
+        "api_retries": _config.parse_integer(
+            "api-retries", options["api-retries"], minimum=1, maximum=100
+        ),
+        "api_retry_delay": number(
+            "api-retry-delay", options["api-retry-delay"], minimum=0.001
+        ),
+        "api_retry_max_delay": number(
+            "api-retry-max-delay", options["api-retry-max-delay"], minimum=0.001
+        ),
+        "run_retry_delay": number(
+            "run-retry-delay", options["run-retry-delay"], minimum=0.001
+        ),
+        "run_retry_max_delay": number(
+            "run-retry-max-delay", options["run-retry-max-delay"], minimum=0.001
+        ),
+        "stop_timeout": number("stop-timeout", options["stop-timeout"], minimum=1),
+        "shutdown_timeout": number(
+            "shutdown-timeout", options["shutdown-timeout"], minimum=0.1
+        ),
+        "client_timeout": number(
+            "client-timeout", options["client-timeout"], minimum=0.1
+        ),
+    }
 
 
 def makeService(options: Options) -> IService:

@@ -5,8 +5,15 @@ server.
 The target template is "Linux Ubuntu 24.04 LTS 64-bit". The document installs the
 NVIDIA driver on GPU instances, installs Ollama with its official install script,
 points Ollama at the configured address with a systemd drop-in, waits until Ollama
-responds, and pulls the configured models. This module only renders the text, which
-runs on the instance, and downloads nothing itself.
+responds, and pulls the configured models. With `TerminatorSettings`, Ollama listens
+on loopback only and nginx from Ubuntu's archive is the one public listener: it
+terminates TLS with the given certificate, rejects requests without the bearer
+secret, and proxies the rest to Ollama without buffering. This module only renders
+the text, which runs on the instance, and downloads nothing itself.
+
+The user-data, and so the private key and the secret in it, can be read back by
+anyone who has the account's API key, and by any process on the instance through the
+metadata service.
 """
 
 from __future__ import annotations
@@ -29,6 +36,24 @@ MAX_USER_DATA_LENGTH = 32768
 OLLAMA_DROP_IN_PATH = "/etc/systemd/system/ollama.service.d/exoproxy.conf"
 
 OLLAMA_INSTALL_SCRIPT_URL = "https://ollama.com/install.sh"
+
+#: Paths of the TLS terminator's files on the instance.
+TLS_CERTIFICATE_PATH = "/etc/exoproxy/tls/backend.crt"
+TLS_PRIVATE_KEY_PATH = "/etc/exoproxy/tls/backend.key"
+NGINX_SITE_PATH = "/etc/nginx/conf.d/exoproxy.conf"
+NGINX_BEARER_PATH = "/etc/nginx/exoproxy-bearer.conf"
+
+# Ubuntu's nginx package enables a default site on port 80.
+_NGINX_DEFAULT_SITE_PATH = "/etc/nginx/sites-enabled/default"
+
+# How long nginx waits for Ollama to send the next bytes, and for exoproxy to send or
+# take them. A model load or a long response without streaming sends nothing for
+# minutes, and exoproxy has its own idle timeout (--upstream-idle-timeout).
+_NGINX_TIMEOUT = "3600s"
+
+# RFC 6750's b64token characters, without the ones that nginx would read as a
+# variable or a quote. The secret is written into an nginx string.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")
 
 _OLLAMA_INSTALL_SCRIPT_PATH = "/root/ollama-install.sh"
 _NVIDIA_SETUP_PATH = "/usr/local/sbin/exoproxy-nvidia-setup"
@@ -145,6 +170,87 @@ def _validate_host(instance: UserDataSettings, attribute: Any, host: str) -> Non
             ) from None
 
 
+def _validate_pem(label: str) -> Any:
+    def validate(instance: Any, attribute: Any, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"Invalid {attribute.name}: expected a str")
+        if f"-----BEGIN {label}" not in value:
+            # The value is never shown, because it may be a private key.
+            raise ValueError(f"Invalid {attribute.name}: expected a PEM {label}")
+
+    return validate
+
+
+def _validate_bearer_token(instance: Any, attribute: Any, token: str) -> None:
+    if not isinstance(token, str):
+        raise TypeError(f"Invalid {attribute.name}: expected a str")
+    if _BEARER_TOKEN.fullmatch(token) is None:
+        # The value is never shown, because it is a secret.
+        raise ValueError(
+            f"Invalid {attribute.name}: use at least 16 letters, digits or"
+            " . _ ~ + / = -"
+        )
+
+
+def _validate_server_name(instance: Any, attribute: Any, name: str) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"Invalid {attribute.name} {name!r}: expected a str")
+    if _HOSTNAME.fullmatch(name) is None:
+        raise ValueError(f"Invalid {attribute.name} {name!r}: expected a DNS name")
+
+
+@attrs.frozen(kw_only=True)
+class TerminatorSettings:
+    """
+    The TLS terminator (nginx) that fronts Ollama on the instance.
+
+    Attributes:
+        port: The public TCP port that nginx listens on with TLS, in 1..65535.
+        certificate_pem: The server certificate that nginx presents, in PEM.
+        private_key_pem: The certificate's private key, in PEM. It is written with
+            mode 0600.
+        bearer_token: The secret that each request must send as
+            ``Authorization: Bearer TOKEN``. nginx rejects any other request with 401.
+        server_name: The DNS name in the certificate's subjectAltName.
+    """
+
+    port: int = attrs.field(validator=_validate_port)
+    server_name: str = attrs.field(validator=_validate_server_name)
+    certificate_pem: str = attrs.field(validator=_validate_pem("CERTIFICATE"))
+    private_key_pem: str = attrs.field(
+        repr=False, validator=_validate_pem("PRIVATE KEY")
+    )
+    bearer_token: str = attrs.field(repr=False, validator=_validate_bearer_token)
+
+
+def _validate_terminator(
+    instance: UserDataSettings, attribute: Any, terminator: TerminatorSettings | None
+) -> None:
+    if terminator is None:
+        return
+    if not isinstance(terminator, TerminatorSettings):
+        raise TypeError(
+            f"Invalid {attribute.name} {terminator!r}: expected TerminatorSettings"
+        )
+
+    try:
+        loopback = ipaddress.ip_address(instance.ollama_host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(
+            f"Invalid ollama_host {instance.ollama_host!r}: behind a TLS terminator,"
+            " Ollama must listen on a loopback address such as 127.0.0.1"
+        )
+
+    # nginx binds the port on every address, which includes Ollama's.
+    if terminator.port == instance.ollama_port:
+        raise ValueError(
+            f"Invalid terminator port {terminator.port}: Ollama already listens on"
+            " it; use another port"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class UserDataSettings:
     """
@@ -159,7 +265,10 @@ class UserDataSettings:
         models: Ollama model names to pull once Ollama responds, in order. Each name
             contains only letters, digits and ``. _ : / @ -``.
         gpu: Whether to install the NVIDIA driver. Set it for GPU instance families.
-        ollama_host: IP address or hostname that Ollama binds to.
+        ollama_host: IP address or hostname that Ollama binds to. It must be a
+            loopback address when `terminator` is set.
+        terminator: The TLS terminator in front of Ollama, or None to expose
+            Ollama itself at `ollama_host`.
     """
 
     ollama_port: int = attrs.field(default=11434, validator=_validate_port)
@@ -168,6 +277,9 @@ class UserDataSettings:
     )
     gpu: bool = attrs.field(validator=attrs.validators.instance_of(bool))
     ollama_host: str = attrs.field(default="0.0.0.0", validator=_validate_host)
+    terminator: TerminatorSettings | None = attrs.field(
+        default=None, validator=_validate_terminator
+    )
 
 
 def _format_host(host: str) -> str:
@@ -209,6 +321,86 @@ def _wait_for_ollama(local_address: str) -> str:
     )
 
 
+def _nginx_site(settings: UserDataSettings, terminator: TerminatorSettings) -> str:
+    ollama = f"{_format_host(settings.ollama_host)}:{settings.ollama_port}"
+    return f"""\
+# The TLS terminator of exoproxy: the only public listener, in front of Ollama.
+upstream exoproxy_ollama {{
+    server {ollama};
+    keepalive 8;
+}}
+
+server {{
+    listen {terminator.port} ssl;
+    server_name {terminator.server_name};
+
+    ssl_certificate {TLS_CERTIFICATE_PATH};
+    ssl_certificate_key {TLS_PRIVATE_KEY_PATH};
+    ssl_protocols TLSv1.2 TLSv1.3;
+
+    # Blob uploads stream through at any size.
+    client_max_body_size 0;
+    client_body_timeout {_NGINX_TIMEOUT};
+    send_timeout {_NGINX_TIMEOUT};
+
+    include {NGINX_BEARER_PATH};
+
+    location / {{
+        proxy_pass http://exoproxy_ollama;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        # Ollama rejects a Host that is not local, such as the upstream name, with 403.
+        proxy_set_header Host {ollama};
+        proxy_set_header Authorization "";
+        proxy_buffering off;
+        proxy_request_buffering off;
+        proxy_read_timeout {_NGINX_TIMEOUT};
+        proxy_send_timeout {_NGINX_TIMEOUT};
+    }}
+}}
+"""
+
+
+def _nginx_bearer_check(terminator: TerminatorSettings) -> str:
+    # An `if` whose only directive is `return` is safe in nginx's server context.
+    return (
+        f'if ($http_authorization != "Bearer {terminator.bearer_token}") {{\n'
+        "    return 401;\n"
+        "}\n"
+    )
+
+
+def _terminator_files(
+    settings: UserDataSettings, terminator: TerminatorSettings
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "path": TLS_CERTIFICATE_PATH,
+            "owner": "root:root",
+            "permissions": "0644",
+            "content": terminator.certificate_pem,
+        },
+        {
+            "path": TLS_PRIVATE_KEY_PATH,
+            "owner": "root:root",
+            "permissions": "0600",
+            "content": terminator.private_key_pem,
+        },
+        {
+            "path": NGINX_BEARER_PATH,
+            "owner": "root:root",
+            "permissions": "0600",
+            "content": _nginx_bearer_check(terminator),
+        },
+        {
+            "path": NGINX_SITE_PATH,
+            "owner": "root:root",
+            "permissions": "0644",
+            "content": _nginx_site(settings, terminator),
+        },
+    ]
+
+
 def _write_files(settings: UserDataSettings) -> list[dict[str, Any]]:
     files: list[dict[str, Any]] = [
         {
@@ -218,6 +410,9 @@ def _write_files(settings: UserDataSettings) -> list[dict[str, Any]]:
             "content": _drop_in(settings),
         }
     ]
+
+    if settings.terminator is not None:
+        files += _terminator_files(settings, settings.terminator)
 
     if settings.gpu:
         files.append(
@@ -283,6 +478,15 @@ def _runcmd(settings: UserDataSettings) -> list[str | list[str]]:
         _wait_for_ollama(local_address),
     ]
 
+    # nginx starts before the pulls, so that exoproxy can see them progress.
+    if settings.terminator is not None:
+        commands += [
+            ["rm", "-f", _NGINX_DEFAULT_SITE_PATH],
+            ["nginx", "-t", "-q"],
+            ["systemctl", "enable", "nginx"],
+            ["systemctl", "restart", "nginx"],
+        ]
+
     commands += [["ollama", "pull", model] for model in settings.models]
     return commands
 
@@ -305,7 +509,8 @@ def render_user_data(settings: UserDataSettings) -> str:
 
     The document refreshes the package index but never upgrades packages, because an
     upgrade delays readiness by minutes. On GPU settings it installs the NVIDIA
-    driver and loads its modules before Ollama is installed.
+    driver and loads its modules before Ollama is installed. With a terminator, it
+    installs and starts nginx once Ollama responds, before the models are pulled.
 
     Returns:
         The YAML document, starting with the ``#cloud-config`` line.
@@ -314,6 +519,8 @@ def render_user_data(settings: UserDataSettings) -> str:
     packages = ["curl", "zstd"]
     if settings.gpu:
         packages.append("ubuntu-drivers-common")
+    if settings.terminator is not None:
+        packages.append("nginx")
 
     config: dict[str, Any] = {
         "package_update": True,

@@ -52,7 +52,7 @@ def test_cold_start_then_stream_then_idle_stop(daemon):
     ]
     ready = seen[-1]
     assert ready["instance_status"] == "running"
-    assert ready["remote_url"].startswith("http://127.0.0.")
+    assert ready["remote_url"].startswith("https://127.0.0.")
     assert ready["simulated"] is True
 
     def stream_generate():

@@ -27,6 +27,7 @@ from exoproxy.simulator.catalog import build_instance_types, build_templates
 from exoproxy.simulator.cloud_init import SimulatedBoot, UserDataError
 from exoproxy.simulator.cloud_init import parse_user_data
 from exoproxy.simulator.errors import ApiError
+from exoproxy.simulator.faults import FaultInjector
 from exoproxy.simulator.instance import InvalidTransition, SimulatedInstance
 from exoproxy.simulator.models import format_timestamp
 from exoproxy.simulator.security_groups import SecurityGroups
@@ -72,13 +73,16 @@ class ApiCall:
             for an unknown path.
         method: The HTTP method.
         path: The request path, without the query.
-        status: The HTTP status of the response.
+        status: The HTTP status of the response, or 0 when a fault left it without
+            one.
+        fault: The kind of the injected fault that the call got, if any.
     """
 
     operation: str | None
     method: str
     path: str
     status: int
+    fault: str | None = None
 
 
 class SimulatedCloud:
@@ -118,6 +122,9 @@ class SimulatedCloud:
         self.calls: list[ApiCall] = []
 
         self._timers = TimerSet(clock)
+        # The faults to inject, and the record of what they did; see
+        # exoproxy.simulator.faults.
+        self.faults = FaultInjector(self)
 
     def record_call(self, call: ApiCall) -> None:
         """
@@ -133,6 +140,7 @@ class SimulatedCloud:
             A Deferred that fires once every Ollama connection is lost.
         """
         self._timers.cancel_all()
+        self.faults.close()
         closing = [instance.close() for instance in self.instances.values()]
         return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
 
@@ -148,11 +156,19 @@ class SimulatedCloud:
             },
         }
         self.operations[operation_id] = operation
+        fault = self.faults.take_operation_fault()
 
         def succeed() -> None:
-            operation["state"] = "success"
+            if fault is None:
+                operation["state"] = "success"
+                return
+            operation["state"] = "failure"
+            if fault.reason is not None:
+                operation["reason"] = fault.reason
+            self.faults.operation_failed(fault, reference_id)
 
-        self._timers.call_later(self.timings.operation_delay, succeed)
+        if fault is None or fault.outcome != "pending":
+            self._timers.call_later(self.timings.operation_delay, succeed)
         return dict(operation)
 
     def get_operation(self, id: str) -> dict[str, Any]:
@@ -289,6 +305,7 @@ class SimulatedCloud:
             public_ip,
             boot or SimulatedBoot(port=None, models=()),
             auto_start=body.get("auto-start", True),
+            faults=self.faults.faults_for_new_instance(instance_id),
         )
         self.instances[instance_id] = instance
         log.info(

@@ -8,6 +8,8 @@ document and acts them out:
   content has a line `Environment="OLLAMA_HOST=<host>:<port>"`.
 - The models to pull, from `runcmd` items that are lists starting with
   `"ollama", "pull", "<model>"`. Shell-string items are not parsed.
+- The TLS terminator in front of Ollama, from the nginx site that `write_files`
+  writes (see `exoproxy.simulator.terminator`), when there is one.
 
 The user-data is base64 of the document, or of its gzip, as the `user-data` field of
 the Exoscale API carries it.
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+
+from exoproxy.simulator.terminator import SimulatedTerminator, find_terminator
 
 OLLAMA_DROP_IN_PATH = "/etc/systemd/system/ollama.service.d/exoproxy.conf"
 
@@ -52,10 +56,13 @@ class SimulatedBoot:
         port: The TCP port Ollama listens on, 0 for any free port, or None if the
             user-data configures no Ollama, in which case no Ollama comes up.
         models: The models to pull, in `runcmd` order.
+        terminator: The TLS listener in front of Ollama, which then listens on
+            the instance's loopback only, or None when Ollama itself is public.
     """
 
     port: int | None
     models: tuple[str, ...]
+    terminator: SimulatedTerminator | None = None
 
 
 def decode_user_data(user_data_b64: str) -> str:
@@ -109,7 +116,23 @@ def parse_user_data(user_data_b64: str | None) -> SimulatedBoot:
     return SimulatedBoot(
         port=_find_ollama_port(document.get("write_files")),
         models=_find_pulled_models(document.get("runcmd")),
+        terminator=_find_terminator(document.get("write_files")),
     )
+
+
+def _find_terminator(write_files: Any) -> SimulatedTerminator | None:
+    if not isinstance(write_files, list):
+        return None
+
+    files = {
+        str(entry.get("path")): _decode_file_content(entry)
+        for entry in write_files
+        if isinstance(entry, dict)
+    }
+    try:
+        return find_terminator(files)
+    except ValueError as error:
+        raise UserDataError(f"user-data has an invalid nginx site: {error}") from None
 
 
 def _find_ollama_port(write_files: Any) -> int | None:

@@ -219,17 +219,39 @@ class ExoscaleApiResource(Resource):
         self._clock = clock
         self._spec = load_api_spec()
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         method = request.method.decode("ascii", "replace")
         path = request.path.decode("utf-8", "replace")
         operation_id = None
+        faults = self._cloud.faults
+        fault = None
 
         try:
             operation_id, path_parameters = self._route(request, method, path)
             call = self._prepare(request, method, path, operation_id, path_parameters)
-            status, payload = 200, self._run(operation_id, call)
+            fault = faults.take_api_fault(operation_id, after=False)
+            if fault is None:
+                with faults.running(operation_id):
+                    status, payload = 200, self._run(operation_id, call)
+                fault = faults.take_api_fault(operation_id, after=True)
         except ApiError as error:
             status, payload = error.status, {"message": error.message}
+
+        if fault is not None:
+            recorded = fault.status if fault.kind == "status" else 200
+            if fault.kind in ("hang", "drop"):
+                recorded = 0
+            self._cloud.record_call(
+                ApiCall(operation_id, method, path, recorded, fault=fault.kind)
+            )
+            log.info(
+                "Simulated API {method} {path} ({operation_id}): fault {fault}",
+                method=method,
+                path=path,
+                operation_id=operation_id,
+                fault=fault.kind,
+            )
+            return faults.respond(request, fault)
 
         self._cloud.record_call(ApiCall(operation_id, method, path, status))
         level = log.debug if status < 400 and method == "GET" else log.info

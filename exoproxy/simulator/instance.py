@@ -4,7 +4,9 @@ One simulated compute instance: its state machine, its boot and its Ollama serve
 The API actions and the timed transitions are declared once, in `_ACTIONS` and
 `_SETTLING`. Entering `running` starts the simulated cloud-init, which after the boot
 delay starts the Ollama server that the user-data configures and then pulls its
-models. Leaving `running` closes that server and breaks its connections.
+models. When the user-data puts a TLS terminator in front of Ollama, the server
+listens only behind it, with TLS and the bearer check. Leaving `running` closes that
+server and breaks its connections.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from exoproxy.simulator.cloud_init import SimulatedBoot
+from exoproxy.simulator.faults import InstanceFaults
 from exoproxy.simulator.listener import LoopbackListener
 from exoproxy.simulator.models import ModelStore
 from exoproxy.simulator.ollama import OllamaResource
+from exoproxy.simulator.terminator import BearerGuard
 from exoproxy.simulator.timers import SimulatorTimings, TimerSet
 
 log = Logger()
@@ -37,6 +41,8 @@ class InstanceState(str, enum.Enum):
     STOPPED = "stopped"
     DESTROYING = "destroying"
     DESTROYED = "destroyed"
+    # Entered only through fault injection; see exoproxy.simulator.faults.
+    ERROR = "error"
 
 
 _ALIVE = (
@@ -44,6 +50,7 @@ _ALIVE = (
     InstanceState.RUNNING,
     InstanceState.STOPPING,
     InstanceState.STOPPED,
+    InstanceState.ERROR,
 )
 
 # Each API action, with the states that accept it and the state it moves to.
@@ -102,6 +109,7 @@ class SimulatedInstance:
         public_ip: The public IPv4 address, or None when none is assigned.
         boot: What the user-data starts once the instance is running.
         auto_start: Start at creation, as the API's `auto-start` does by default.
+        faults: The injected faults that the instance acts out; none by default.
     """
 
     def __init__(
@@ -111,6 +119,7 @@ class SimulatedInstance:
         public_ip: str | None,
         boot: SimulatedBoot,
         auto_start: bool = True,
+        faults: InstanceFaults | None = None,
     ) -> None:
         self.id: str = attributes["id"]
         self.attributes = attributes
@@ -125,6 +134,9 @@ class SimulatedInstance:
         self._ollama: LoopbackListener | None = None
         self._ollama_port: int | None = None
         self._closing: list[Deferred[None]] = []
+        # The bearer check of the running terminator, which counts its requests.
+        self.terminator_guard: BearerGuard | None = None
+        self.faults = faults if faults is not None else InstanceFaults()
 
         if auto_start:
             self._enter(InstanceState.STARTING)
@@ -183,7 +195,8 @@ class SimulatedInstance:
 
         self._timers.cancel(self._settle_timer)
         self._settle_timer = None
-        if state in _SETTLING:
+        stuck = state == InstanceState.STARTING and self.faults.never_running
+        if state in _SETTLING and not stuck:
             timing, next_state = _SETTLING[state]
             delay = getattr(self._host.timings, timing)
             self._settle_timer = self._timers.call_later(delay, self._enter, next_state)
@@ -202,6 +215,13 @@ class SimulatedInstance:
         self._stop_ollama()
 
     def _finish_boot(self) -> None:
+        if self.faults.ollama_never_listens:
+            log.warn(
+                "Simulated instance {instance_id} booted, but a fault keeps its "
+                "Ollama from listening",
+                instance_id=self.id,
+            )
+            return
         if self.boot.port is None:
             log.warn(
                 "Simulated instance {instance_id} booted, but its user-data "
@@ -217,7 +237,9 @@ class SimulatedInstance:
             )
             return
 
-        self._start_ollama(self.public_ip, self.boot.port)
+        terminator = self.boot.terminator
+        port = terminator.port if terminator is not None else self.boot.port
+        self._start_ollama(self.public_ip, port)
         self._pull_next(list(self.boot.models))
 
     def _start_ollama(self, address: str, port: int) -> None:
@@ -228,7 +250,17 @@ class SimulatedInstance:
             pull_delay=self._host.timings.pull_delay,
             instance_id=self.id,
         )
-        listener = LoopbackListener(self._host.reactor, address, port, resource)
+        resource.faults = self.faults
+        resource.on_crash = self.crash_ollama
+        tls = None
+        terminator = self.boot.terminator
+        if terminator is not None:
+            self.terminator_guard = BearerGuard(resource, terminator.bearer_token)
+            resource = self.terminator_guard
+            tls = terminator.tls_options()
+        listener = LoopbackListener(
+            self._host.reactor, address, port, resource, tls=tls
+        )
         self._ollama = listener
 
         def listening(bound_port: int) -> None:
@@ -280,6 +312,14 @@ class SimulatedInstance:
         if not models:
             return
 
+        if self.faults.pull_never_finishes:
+            log.warn(
+                "Simulated instance {instance_id} never finishes pulling {model}, "
+                "because of a fault",
+                instance_id=self.id,
+                model=models[0],
+            )
+            return
         model = models.pop(0)
 
         def pulled() -> None:
@@ -292,6 +332,34 @@ class SimulatedInstance:
             self._pull_next(models)
 
         self._timers.call_later(self._host.timings.pull_delay, pulled)
+
+    def break_down(self) -> None:
+        """
+        Put the instance in state error, as a failed host would; Ollama stops.
+        """
+        self._enter(InstanceState.ERROR)
+
+    def lose_public_ip(self) -> None:
+        """
+        Take the public IP away; the Ollama server that listened on it stops.
+        """
+        self.public_ip = None
+        self._stop_ollama()
+
+    def crash_ollama(self) -> None:
+        """
+        Stop the Ollama server at once, breaking its connections, and start it
+        again after `faults.ollama_restart_delay` seconds when that is set.
+        """
+        self.faults.crash_stream_after = None
+        self._stop_ollama()
+        delay = self.faults.ollama_restart_delay
+        if delay is not None and not self.faults.ollama_never_listens:
+            self._timers.call_later(delay, self._restart_ollama)
+
+    def _restart_ollama(self) -> None:
+        if self.state == InstanceState.RUNNING and self._ollama is None:
+            self._finish_boot()
 
     def to_api(self) -> dict[str, Any]:
         """

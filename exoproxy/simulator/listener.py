@@ -12,11 +12,12 @@ import ipaddress
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IOpenSSLServerConnectionCreator
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 
 class _TrackedConnection(ProtocolWrapper):
@@ -67,6 +68,24 @@ class ConnectionTrackingFactory(WrappingFactory):
         return waiter
 
 
+def _access_log_line(timestamp: str, request: Request) -> str:
+    """
+    Format an access log line without the query string, which may carry a
+    client's token that exoproxy relayed: with --simulate, this log is the
+    daemon's own.
+    """
+    path = request.path.decode("ascii", "replace")
+    if b"?" in request.uri:
+        path += "?[redacted]"
+    host = getattr(request.getClientAddress(), "host", "-")
+    method = request.method.decode("ascii", "replace")
+    version = request.clientproto.decode("ascii", "replace")
+    return (
+        f'"{host}" - - {timestamp} "{method} {path} {version}" {request.code} '
+        f"{request.sentLength or '-'}"
+    )
+
+
 def require_loopback(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """
     Parse `host` as an IP address and check that it is a loopback address.
@@ -91,16 +110,25 @@ class LoopbackListener:
         host: A loopback IP literal to bind.
         port: The TCP port to bind, or 0 for any free port.
         resource: The root resource of the site.
+        tls: The server TLS options, to serve HTTPS instead of HTTP.
     """
 
-    def __init__(self, reactor, host: str, port: int, resource: IResource) -> None:
+    def __init__(
+        self,
+        reactor,
+        host: str,
+        port: int,
+        resource: IResource,
+        tls: IOpenSSLServerConnectionCreator | None = None,
+    ) -> None:
         self._address = require_loopback(host)
         self._reactor = reactor
         self._port_number = port
-        site = Site(resource, reactor=reactor)
+        site = Site(resource, reactor=reactor, logFormatter=_access_log_line)
         site.noisy = False
         self._factory = ConnectionTrackingFactory(site)
         self._factory.noisy = False
+        self._tls = tls
         self._listening_port: IListeningPort | None = None
         self._closed = False
 
@@ -128,7 +156,13 @@ class LoopbackListener:
                 self._listening_port = listening_port
             return listening_port.getHost().port
 
-        return endpoint.listen(self._factory).addCallback(listening)
+        factory = self._factory
+        if self._tls is not None:
+            # The tracked connections sit inside TLS, so aborting one aborts the
+            # TLS connection and its socket.
+            factory = TLSMemoryBIOFactory(self._tls, False, self._factory)
+            factory.noisy = False
+        return endpoint.listen(factory).addCallback(listening)
 
     def close(self) -> Deferred[None]:
         """

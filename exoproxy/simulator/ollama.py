@@ -104,6 +104,11 @@ class OllamaResource(Resource):
         self._pull_delay = pull_delay
         # Loaded models by name, with the clock time at which each unloads.
         self._loaded: dict[str, float] = {}
+        # The instance's injected faults (an InstanceFaults of
+        # exoproxy.simulator.faults), whose crash_stream_after makes a stream
+        # call on_crash after that many chunks; the instance sets both.
+        self.faults: Any = None
+        self.on_crash: Callable[[], None] = lambda: None
         self._routes: dict[tuple[bytes, bytes], Callable[[Request], bytes | int]] = {
             (b"GET", b"/"): self._render_root,
             (b"GET", b"/api/version"): self._render_version,
@@ -158,8 +163,31 @@ class OllamaResource(Resource):
         interval: float,
     ) -> int:
         request.setHeader(b"content-type", content_type)
+        crash_after = getattr(self.faults, "crash_stream_after", None)
+        if crash_after is not None:
+            steps = self._crashing(steps, crash_after)
         PacedWriter(self._clock, request, steps, interval).start()
         return NOT_DONE_YET
+
+    def _crashing(
+        self, steps: Generator[PacedStep, None, None], chunks: int
+    ) -> Generator[PacedStep, None, None]:
+        """
+        Pass on `chunks` chunks of `steps`, then crash the server and wait, so that
+        the response ends only with its broken connection.
+        """
+        written = 0
+        for step in steps:
+            if step is not None:
+                if written == chunks:
+                    self.on_crash()
+                    break
+                written += 1
+            yield step
+        else:
+            return
+        while True:
+            yield None
 
     def _render_root(self, request: Request) -> bytes:
         return respond(request, 200, TEXT, b"Ollama is running")

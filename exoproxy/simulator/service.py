@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from exoproxy.simulator.cloud import SimulatedCloud
+from exoproxy.simulator.control import ControlResource
 from exoproxy.simulator.exoscale_api import ApiRoot, ExoscaleApiResource
 from exoproxy.simulator.listener import LoopbackListener, require_loopback
 from exoproxy.simulator.timers import SimulatorTimings
@@ -59,6 +60,7 @@ class SimulatorService(MultiService):
         )
         api = ExoscaleApiResource(self.cloud, {api_key: api_secret}, reactor)
         self._root = ApiRoot(api)
+        self._root.putChild(b"_control", ControlResource(self.cloud.faults))
         self._reactor = reactor
         self._listen_host = listen_host
         self._port = port
