@@ -1,5 +1,5 @@
 """
-The HTTP front of exoproxy: it answers what it can locally and proxies the rest.
+The HTTP front of exoproxy, which serves what it can locally and proxies the rest.
 """
 
 from __future__ import annotations
@@ -43,8 +43,12 @@ MAX_DECODED_JSON_BODY = 256 * 1024 * 1024
 
 class BackendSource:
     """
-    Where requests go: the lifecycle of a managed instance, or a fixed backend.
+    The destination of proxied requests: a managed instance or a fixed backend.
     """
+
+    # Whether the backend goes away when idle, so that a polling request that fails
+    # to reach it gets the local answer instead of a 502.
+    stops_when_idle = False
 
     def current_backend(self) -> Backend | None:
         raise NotImplementedError
@@ -412,6 +416,12 @@ class Gateway(Resource):
                 self._metrics.upstream_bytes.inc(exchange.bytes_relayed)
             on_end()
 
+        fallback = None
+        if self._source.stops_when_idle and not wakes:
+
+            def fallback() -> None:
+                self._answer_cold(request)
+
         exchange = ProxiedExchange(
             request,
             agent=self._agent,
@@ -423,5 +433,15 @@ class Gateway(Resource):
             on_backend_failure=lambda reason: self._on_backend_failure(
                 backend.url, reason
             ),
+            fallback=fallback,
         )
         exchange.start()
+
+    def _answer_cold(self, request: Request) -> None:
+        # A polling request that was proxied just before an idle stop closed the
+        # backend gets the local answer rather than a 502.
+        if request.finished or request._disconnected:
+            return
+        request.setResponseCode(200)
+        request.write(self._render_cold(request, request.path.decode("utf-8")))
+        request.finish()

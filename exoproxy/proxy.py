@@ -166,18 +166,22 @@ class ProxiedExchange:
         idle_timeout: float,
         on_end: Callable[[], None],
         body: bytes | None = None,
+        fallback: Callable[[], None] | None = None,
         on_backend_failure: Callable[[str], None] = lambda reason: None,
     ) -> None:
         """
         Args:
             body: the request body to send instead of the client's, after exoproxy
                 has decoded it; its Content-Encoding is then not forwarded.
+            fallback: answers the request instead of a 502 when no response came
+                from the backend, for a polling route that has a local answer.
             on_backend_failure: called with the reason when the backend cannot be
                 reached or breaks off its response, so that it is checked before
                 the next request. A client that goes away is no such failure.
         """
         self._request = request
         self._body = body
+        self._fallback = fallback
         self._agent = agent
         self._clock = clock
         self._backend_url = backend_url
@@ -259,7 +263,7 @@ class ProxiedExchange:
             response.deliverBody(_Discard())
             return
         relay_response_headers(response, self._request)
-        # twisted.web sends the status line and headers with the first write; an
+        # twisted.web sends the status line and headers with the first write. An
         # empty write sends them now, so a client sees them before a slow body.
         self._request.write(b"")
         response.deliverBody(_BodyRelay(self))
@@ -274,7 +278,10 @@ class ProxiedExchange:
             path=self._request.path.decode("ascii", "replace"),
             error=message,
         )
-        send_error(self._request, code, message)
+        if self._fallback is not None and code == 502:
+            self._fallback()
+        else:
+            send_error(self._request, code, message)
         self._end()
         if not failure.check(CancelledError, ConnectingCancelledError):
             self._on_backend_failure(message)

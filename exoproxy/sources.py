@@ -50,6 +50,8 @@ class LifecycleSource(BackendSource):
     The managed instance, brought up on demand by its lifecycle.
     """
 
+    stops_when_idle = True
+
     def __init__(self, lifecycle: InstanceLifecycle, config: Config) -> None:
         self.lifecycle = lifecycle
         self._config = config
