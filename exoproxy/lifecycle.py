@@ -158,11 +158,21 @@ class _Core:
 
     def release_waiters(self, result: Backend | Failure) -> None:
         """
-        Fire the Deferreds of the requests that wait for the instance.
+        Fire the Deferreds of the requests that wait for the instance, on the next
+        reactor turn.
+
+        Transitions call this, and a waiter's callbacks read the lifecycle's state,
+        which Automat does not allow while a transition runs.
         """
         self.waiters, waiting = [], self.waiters
-        for waiter in waiting:
-            waiter.callback(result)
+
+        def fire() -> None:
+            for waiter in waiting:
+                if not waiter.called:
+                    waiter.callback(result)
+
+        if waiting:
+            self.clock.callLater(0, fire)
 
     def set_phase(self, phase: str, state: str = "provisioning") -> None:
         """

@@ -5,6 +5,8 @@ the idle timer and, with --simulate, the simulated cloud.
 
 from __future__ import annotations
 
+import os
+
 import shutil
 import tempfile
 import time
@@ -13,6 +15,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
@@ -24,6 +27,7 @@ from exoproxy.access_log import AccessLoggedRequest, AccessLogSite
 from exoproxy.activity import ActivityTracker
 from exoproxy.auth import ClientTokens
 from exoproxy.backend_tls import (
+    MaterialError,
     BackendKeyring,
     BackendTLSPolicy,
     BackendAgent,
@@ -31,7 +35,7 @@ from exoproxy.backend_tls import (
 )
 from exoproxy.catalog import BackendCatalog
 from exoproxy.cloud import ExoscaleCloud
-from exoproxy.config import Config
+from exoproxy.config import Config, ConfigError
 from exoproxy.cors import CorsPolicy
 from exoproxy.gateway import BackendSource, Gateway
 from exoproxy.lifecycle import Backend, InstanceLifecycle
@@ -73,6 +77,17 @@ def _server_endpoint(reactor: Any, description: str) -> Any:
 
 class _ExoproxyRequest(AccessLoggedRequest, StreamingRequest):
     streams_body = staticmethod(streams_request_body)
+
+
+# Startup failures that come from the configuration or the host rather than a bug.
+_STARTUP_ERRORS = (
+    CannotListenError,
+    ValueError,
+    OverflowError,
+    OSError,
+    ConfigError,
+    MaterialError,
+)
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -161,10 +176,20 @@ class ExoproxyService(MultiService):
         self._start().addErrback(self._failed_to_start)
 
     def _failed_to_start(self, failure: Any) -> None:
-        log.failure("exoproxy failed to start", failure)
+        if failure.check(*_STARTUP_ERRORS):
+            # An operator's mistake, such as a port in use: one line, no traceback.
+            log.error(
+                "exoproxy failed to start: {error}", error=failure.getErrorMessage()
+            )
+        else:
+            log.failure("exoproxy failed to start", failure)
         self._notifier.status(f"failed to start: {failure.getErrorMessage()}")
         if not self._listening.called:
             self._listening.errback(failure)
+        # twistd exits with status 0 after reactor.stop(); a supervisor such as
+        # systemd must see the failure, so the process ends with 1 once the
+        # reactor has shut down.
+        self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
         if self._reactor.running:
             self._reactor.stop()
         else:

@@ -231,13 +231,15 @@ def test_transient_error_not_flagged():
 
 
 def test_close_fails_waiters_and_runs():
-    _, provisioner, lifecycle, _ = make_lifecycle()
+    clock, provisioner, lifecycle, _ = make_lifecycle()
     lifecycle.demand()
     waiter = lifecycle.wait_until_ready()
     failures: list[Failure] = []
     waiter.addErrback(failures.append)
 
     lifecycle.close()
+    # Waiters fire on the next reactor turn, outside the transition.
+    clock.advance(0)
     assert lifecycle.state == "error"
     assert lifecycle.error == "exoproxy is shutting down"
     assert failures[0].check(ShuttingDown)

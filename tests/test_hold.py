@@ -220,3 +220,29 @@ def test_local_routes_can_be_changed():
         assert body["provisioning"] is True
     finally:
         yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_held_request_gets_503_when_start_fails():
+    # The zone offers no gpua5000.huge, so the run fails at create.
+    service, base_url = yield start_daemon(
+        simulated_arguments(hold_timeout=30, instance_type="a5000.huge")
+    )
+    try:
+        response = yield treq.post(f"{base_url}/api/generate", data=GENERATE)
+        body = json.loads((yield treq.content(response)))
+        assert response.code == 503
+        assert body["provisioning"] is False
+        assert "gpua5000.huge" in body["error"]
+        assert response.headers.getRawHeaders(b"x-exoproxy-cold-start") == [b"false"]
+        assert service.gateway.held_requests == 0
+
+        # In the error state, before the backoff has passed, a held request waits
+        # out the hold timeout and then gets the same 503.
+        service.gateway._hold_timeout = 0.2
+        response = yield treq.post(f"{base_url}/api/generate", data=GENERATE)
+        body = json.loads((yield treq.content(response)))
+        assert response.code == 503
+        assert body["status"] == "error"
+    finally:
+        yield service.stopService()
