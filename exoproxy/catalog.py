@@ -1,5 +1,5 @@
 """
-What the backend said about itself the last time it was up, so that polling clients
+What the backend reported about itself the last time it was up, so that polling clients
 can be answered while the instance is stopped.
 """
 
@@ -15,7 +15,7 @@ UNKNOWN_VERSION = "0.5.0"
 
 class BackendCatalog:
     """
-    The last `/api/version` and `/api/tags` answers of the backend.
+    The last `/api/version` and `/api/tags` responses of the backend.
     """
 
     def __init__(self, configured_model: str) -> None:

@@ -30,7 +30,7 @@ class ConfigError(ValueError):
     """
     A configuration value is missing or invalid.
 
-    The message names the option and says how to fix it.
+    The message names the option and how to fix it.
     """
 
 

@@ -373,7 +373,7 @@ class Gateway(Resource):
 
     def _render_cold(self, request: Request, path: str) -> bytes:
         """
-        Answer a polling route from what the backend last said, without waking it.
+        Serve a polling route from what the backend last reported, without waking it.
         """
         if path == "/api/version":
             answer: dict[str, Any] = {"version": self._catalog.version}

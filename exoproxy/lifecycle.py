@@ -63,7 +63,7 @@ class Provisioner(Protocol):
 
     def shut_down(self, instance_id: str) -> Deferred[None]:
         """
-        Stop or destroy the instance, as the idle action says.
+        Stop or destroy the instance, as the idle action selects.
         """
 
     def known_instance_id(self) -> str | None:
@@ -119,8 +119,8 @@ class Lifecycle(Protocol):
 @dataclass
 class _Core:
     """
-    What the states share: the clock, the provisioner and the record of what
-    happened, which `/status` reads.
+    The state shared by all states: the clock, the provisioner and the record of
+    what happened, which `/status` reads.
     """
 
     clock: IReactorTime

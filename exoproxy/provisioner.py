@@ -81,7 +81,7 @@ class InstanceFailed(Exception):
 
 def model_names(tags: dict[str, Any]) -> set[str]:
     """
-    Return the names in an `/api/tags` answer, with and without an implied
+    Return the names in an `/api/tags` response, with and without an implied
     ":latest" tag, because Ollama lists "llama3" as "llama3:latest".
     """
     names = set()
@@ -148,7 +148,7 @@ def json_fetcher(
                 code=response.code,
             )
         if response.code != 200:
-            raise ValueError(f"{url} answered HTTP {response.code}")
+            raise ValueError(f"{url} returned HTTP {response.code}")
         return json.loads(body)
 
     return fetch

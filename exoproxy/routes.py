@@ -64,7 +64,7 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
-# The polling routes that exoproxy can answer from memory while the instance is not
+# The polling routes that exoproxy can serve from memory while the instance is not
 # ready. Clients such as Open WebUI and editor plugins poll them every few seconds,
 # so they must neither start the instance nor count as activity.
 LOCAL_CAPABLE_ROUTES = frozenset({"/api/version", "/api/tags", "/api/ps", "/v1/models"})
@@ -77,13 +77,13 @@ def parse_local_routes(value: str) -> frozenset[str]:
     wake the instance.
 
     Raises:
-        ValueError: a path is not one that exoproxy can answer locally.
+        ValueError: a path is not one that exoproxy can serve locally.
     """
     paths = frozenset(part.strip() for part in value.split(",") if part.strip())
     unknown = paths - LOCAL_CAPABLE_ROUTES
     if unknown:
         raise ValueError(
-            f"cannot answer {', '.join(sorted(unknown))} locally; choose from "
+            f"cannot serve {', '.join(sorted(unknown))} locally; choose from "
             f"{', '.join(sorted(LOCAL_CAPABLE_ROUTES))}"
         )
     return paths

@@ -186,9 +186,8 @@ class ExoproxyService(MultiService):
         self._notifier.status(f"failed to start: {failure.getErrorMessage()}")
         if not self._listening.called:
             self._listening.errback(failure)
-        # twistd exits with status 0 after reactor.stop(); a supervisor such as
-        # systemd must see the failure, so the process ends with 1 once the
-        # reactor has shut down.
+        # twistd exits with status 0 after reactor.stop(). A supervisor such as
+        # systemd must see the failure, so the process ends with 1 after shutdown.
         self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
         if self._reactor.running:
             self._reactor.stop()

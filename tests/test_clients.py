@@ -44,7 +44,7 @@ def ready_daemon():
 
 
 def openai_client(base_url: str) -> openai.OpenAI:
-    # The SDK retries 5xx answers twice by default; the tests look at one answer.
+    # The SDK retries 5xx responses twice by default, and the tests check one.
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
 
 

@@ -17,7 +17,7 @@ BACKEND = Backend(url="http://127.0.0.2:11434", instance_id="i-1")
 
 class ControlledProvisioner:
     """
-    A provisioner whose runs and shutdowns end when the test says so.
+    A provisioner whose runs and shutdowns end when the test fires them.
     """
 
     def __init__(self) -> None:
