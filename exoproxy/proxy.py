@@ -33,7 +33,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 from twisted.web.server import Request
 
-from exoproxy.backend_tls import describe_tls_error, find_tls_error
+from exoproxy.backend_agent import describe_tls_error, find_tls_error
 from exoproxy.errors import send_error
 
 log = Logger()

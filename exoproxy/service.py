@@ -6,7 +6,6 @@ the idle timer and, with --simulate, the simulated cloud.
 from __future__ import annotations
 
 import os
-
 import shutil
 import tempfile
 import time
@@ -15,8 +14,8 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
-from twisted.internet.error import CannotListenError
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
@@ -26,13 +25,8 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from exoproxy.access_log import AccessLoggedRequest, AccessLogSite
 from exoproxy.activity import ActivityTracker
 from exoproxy.auth import ClientTokens
-from exoproxy.backend_tls import (
-    MaterialError,
-    BackendKeyring,
-    BackendTLSPolicy,
-    BackendAgent,
-    MaterialStore,
-)
+from exoproxy.backend_agent import BackendAgent, BackendTLSPolicy
+from exoproxy.backend_tls import BackendKeyring, MaterialError, MaterialStore
 from exoproxy.catalog import BackendCatalog
 from exoproxy.cloud import ExoscaleCloud
 from exoproxy.config import Config, ConfigError

@@ -28,12 +28,12 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent
 
-from exoproxy.backend_tls import BackendTLSPolicy, generate_material
+from exoproxy.backend_agent import BackendTLSPolicy
+from exoproxy.backend_tls import generate_material
 from exoproxy.simulator.service import SimulatorService
 from exoproxy.simulator.timers import SimulatorTimings
 from exoproxy.tap import Options, makeService
-from exoproxy.userdata import NGINX_SITE_PATH, OLLAMA_DROP_IN_PATH
-from exoproxy.userdata import TLS_PRIVATE_KEY_PATH
+from exoproxy.userdata import NGINX_SITE_PATH, OLLAMA_DROP_IN_PATH, TLS_PRIVATE_KEY_PATH
 from tests.daemon import free_port, get_json, simulated_arguments, wait_for_status
 
 MODEL = "granite3.1-dense:8b"

@@ -25,16 +25,14 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from exoproxy.backend_agent import BackendAgent, BackendTLSPolicy, find_tls_error
 from exoproxy.backend_tls import (
     SERVICE_NAME,
     BackendKeyring,
     BackendMaterial,
-    BackendTLSPolicy,
-    BackendAgent,
     MaterialError,
     MaterialStore,
     default_state_dir,
-    find_tls_error,
     generate_material,
 )
 from exoproxy.tap import Options

@@ -25,12 +25,8 @@ from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from exoproxy.backend_tls import (
-    SERVICE_NAME,
-    BackendAgent,
-    BackendTLSPolicy,
-    generate_material,
-)
+from exoproxy.backend_agent import BackendAgent, BackendTLSPolicy
+from exoproxy.backend_tls import SERVICE_NAME, generate_material
 from exoproxy.simulator.cloud_init import parse_user_data
 from exoproxy.userdata import (
     MAX_USER_DATA_LENGTH,
