@@ -12,17 +12,30 @@ from typing import Any
 import attrs
 import service_identity  # optionsForClientTLS checks names only with it
 from OpenSSL import SSL
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS
+from twisted.web.iweb import (
+    IAgent,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IPolicyForHTTPS,
+)
 from zope.interface import implementer
 
 from exoproxy.backend_tls import SERVICE_NAME, BackendMaterial
 
 log = Logger()
+
+# Backend URLs come from the configuration and from the managed instance, so a
+# daemon uses one or two. This bound only keeps a long run of instances, each
+# with an address of its own, from growing the caches below.
+_MAX_CACHED = 16
 
 
 @attrs.define
@@ -55,6 +68,9 @@ class BackendTLSPolicy:
         self._clock = clock
         self._fallback = fallback or BrowserLikePolicyForHTTPS()
         self._pinned: dict[tuple[str, int], BackendMaterial] = {}
+        # Connection creators by (host, port), reused for every connection: each
+        # one holds an OpenSSL context, which is costly to build.
+        self._creators: dict[tuple[bytes, int], Any] = {}
         self._rejections = 0
         self._last_rejection: _Rejection | None = None
         self._logged: set[tuple[str, str]] = set()
@@ -66,6 +82,7 @@ class BackendTLSPolicy:
         A daemon manages one instance, so this replaces any earlier pin.
         """
         self._pinned = {(address, port): material}
+        self._creators = {}
 
     def material_at(self, address: str, port: int) -> BackendMaterial | None:
         """
@@ -80,18 +97,26 @@ class BackendTLSPolicy:
         return next(iter(self._pinned.values()), None)
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        creator = self._creators.get((hostname, port))
+        if creator is not None:
+            return creator
+
         material = self.material_at(hostname.decode("ascii").strip("[]"), port)
         if material is None:
-            return self._fallback.creatorForNetloc(hostname, port)
-
-        # Twisted (26.10) checks the name with service_identity in the verify
-        # callback of each connection, after OpenSSL has checked the chain against
-        # the one trust root.
-        return optionsForClientTLS(
-            SERVICE_NAME,
-            trustRoot=Certificate.loadPEM(material.certificate_pem.encode("ascii")),
-            extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
-        )
+            creator = self._fallback.creatorForNetloc(hostname, port)
+        else:
+            # Twisted (26.10) checks the name with service_identity in the verify
+            # callback of each connection, after OpenSSL has checked the chain
+            # against the one trust root.
+            creator = optionsForClientTLS(
+                SERVICE_NAME,
+                trustRoot=Certificate.loadPEM(material.certificate_pem.encode("ascii")),
+                extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
+            )
+        if len(self._creators) >= _MAX_CACHED:
+            self._creators.clear()
+        self._creators[(hostname, port)] = creator
+        return creator
 
     def record_rejection(self, address: str, port: int, reason: str) -> None:
         """
@@ -167,11 +192,12 @@ class BackendAgent:
         headers: Headers | None = None,
         bodyProducer: IBodyProducer | None = None,
     ) -> Any:
+        # Only an HTTPS URL can be pinned, so other requests skip parsing the URL.
+        if not uri.startswith(b"https:"):
+            return self._agent.request(method, uri, headers, bodyProducer)
         parsed = URI.fromBytes(uri)
-        material = None
-        if parsed.scheme == b"https":
-            address = parsed.host.decode("ascii").strip("[]")
-            material = self._policy.material_at(address, parsed.port)
+        address = parsed.host.decode("ascii").strip("[]")
+        material = self._policy.material_at(address, parsed.port)
         if material is None:
             return self._agent.request(method, uri, headers, bodyProducer)
 
@@ -190,6 +216,61 @@ class BackendAgent:
 
         requested = self._agent.request(method, uri, headers, bodyProducer)
         return requested.addErrback(check)
+
+
+@implementer(IAgentEndpointFactory)
+class BackendEndpoints:
+    """
+    The endpoints of the backend agent: TCP for `http` URLs and TLS over TCP for
+    `https` URLs, as Twisted's `Agent` builds them, but built once for each scheme,
+    host and port instead of once for each request.
+
+    Building a `HostnameEndpoint` encodes the host name with IDNA, and that took
+    about a tenth of exoproxy's CPU time for each small request (see
+    docs/benchmarks.md). An `https` endpoint is built again when the policy
+    returns another connection creator for its host, as it does when another
+    instance is pinned.
+    """
+
+    def __init__(
+        self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float | None
+    ) -> None:
+        self._reactor = reactor
+        self._policy = policy
+        self._connect_timeout = connect_timeout
+        self._endpoints: dict[tuple[bytes, bytes, int], tuple[Any, Any]] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        if uri.scheme == b"http":
+            creator = None
+        elif uri.scheme == b"https":
+            creator = self._policy.creatorForNetloc(uri.host, uri.port)
+        else:
+            raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+
+        cached = self._endpoints.get(key)
+        if cached is not None and cached[0] is creator:
+            return cached[1]
+
+        try:
+            host = uri.host.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"invalid backend host {uri.host!r}: it must be ASCII"
+            ) from None
+        options = {}
+        if self._connect_timeout is not None:
+            options["timeout"] = self._connect_timeout
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self._reactor, host, uri.port, **options
+        )
+        if creator is not None:
+            endpoint = wrapClientTLS(creator, endpoint)
+        if len(self._endpoints) >= _MAX_CACHED:
+            self._endpoints.clear()
+        self._endpoints[key] = (creator, endpoint)
+        return endpoint
 
 
 def find_tls_error(failure: Failure | BaseException) -> BaseException | None:
@@ -222,6 +303,7 @@ def describe_tls_error(error: BaseException) -> str:
 
 __all__ = [
     "BackendAgent",
+    "BackendEndpoints",
     "BackendTLSPolicy",
     "describe_tls_error",
     "find_tls_error",

@@ -25,7 +25,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from exoproxy.access_log import AccessLoggedRequest, AccessLogSite
 from exoproxy.activity import ActivityTracker
 from exoproxy.auth import ClientTokens
-from exoproxy.backend_agent import BackendAgent, BackendTLSPolicy
+from exoproxy.backend_agent import BackendAgent, BackendEndpoints, BackendTLSPolicy
 from exoproxy.backend_tls import BackendKeyring, MaterialError, MaterialStore
 from exoproxy.catalog import BackendCatalog
 from exoproxy.cloud import ExoscaleCloud
@@ -132,13 +132,9 @@ class ExoproxyService(MultiService):
         # Both the proxy and the readiness checks reach the instance through this
         # agent, so both verify its certificate and send its bearer secret.
         self.backend_tls = BackendTLSPolicy(self._clock)
+        endpoints = BackendEndpoints(reactor, self.backend_tls, config.connect_timeout)
         self._agent = BackendAgent(
-            Agent(
-                reactor,
-                contextFactory=self.backend_tls,
-                connectTimeout=config.connect_timeout,
-                pool=self._pool,
-            ),
+            Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool),
             self.backend_tls,
         )
         self._temporary_state_dir: str | None = None

@@ -20,12 +20,18 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import Clock
-from twisted.web.client import Agent
+from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from exoproxy.backend_agent import BackendAgent, BackendTLSPolicy, find_tls_error
+from exoproxy.backend_agent import (
+    BackendAgent,
+    BackendEndpoints,
+    BackendTLSPolicy,
+    find_tls_error,
+)
 from exoproxy.backend_tls import (
     SERVICE_NAME,
     BackendKeyring,
@@ -397,3 +403,76 @@ def test_ssh_networks_parsed():
     assert config.ssh_networks == ("198.51.100.0/24", "192.0.2.1/32")
     with pytest.raises(SystemExit, match="--allow-ssh-cidr: invalid network"):
         real_config("--allow-ssh-cidr", "not-a-network")
+
+
+def cached_agent(policy: BackendTLSPolicy) -> BackendAgent:
+    endpoints = BackendEndpoints(reactor, policy, connect_timeout=5)
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    return BackendAgent(Agent.usingEndpointFactory(reactor, endpoints, pool), policy)
+
+
+def test_endpoints_reused_per_address():
+    policy = BackendTLSPolicy(reactor)
+    endpoints = BackendEndpoints(reactor, policy, connect_timeout=5)
+    first = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:9/api/tags"))
+    again = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:9/api/show"))
+    other = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:10/"))
+
+    assert again is first
+    assert other is not first
+    with pytest.raises(SchemeNotSupported):
+        endpoints.endpointForURI(URI.fromBytes(b"ftp://127.0.0.1:9/"))
+
+
+def test_endpoint_rebuilt_after_new_pin():
+    policy = BackendTLSPolicy(reactor)
+    endpoints = BackendEndpoints(reactor, policy, connect_timeout=5)
+    uri = URI.fromBytes(b"https://127.0.0.1:11443/api/tags")
+    policy.pin("127.0.0.1", 11443, generate_material(NOW))
+    first = endpoints.endpointForURI(uri)
+    again = endpoints.endpointForURI(uri)
+    policy.pin("127.0.0.1", 11443, generate_material(NOW))
+    repinned = endpoints.endpointForURI(uri)
+
+    assert again is first
+    assert repinned is not first
+
+
+@pytest_twisted.inlineCallbacks
+def test_cached_endpoint_trusts_only_new_pin():
+    # The same address presents a new certificate, as a recreated instance with
+    # the same IP address would. Until it is pinned, the cached endpoint must
+    # reject it, and once it is pinned, it must accept it.
+    now = reactor.seconds()
+    old, new = generate_material(now), generate_material(now)
+    port = yield _serve(old, _Echo())
+    number = port.getHost().port
+    url = f"https://127.0.0.1:{number}/".encode()
+    policy = BackendTLSPolicy(reactor)
+    policy.pin("127.0.0.1", number, old)
+    agent = cached_agent(policy)
+    try:
+        response = yield agent.request(b"GET", url)
+        first_body = yield treq.content(response)
+    finally:
+        yield port.stopListening()
+
+    echo = _Echo()
+    pair = PrivateCertificate.loadPEM(new.certificate_pem + new.private_key_pem)
+    endpoint = SSL4ServerEndpoint(
+        reactor, number, pair.options(), interface="127.0.0.1"
+    )
+    port = yield endpoint.listen(Site(echo))
+    try:
+        with pytest.raises(Exception) as raised:
+            yield agent.request(b"GET", url)
+        policy.pin("127.0.0.1", number, new)
+        response = yield agent.request(b"GET", url)
+        second_body = yield treq.content(response)
+    finally:
+        yield port.stopListening()
+
+    assert first_body == b"ok"
+    assert find_tls_error(raised.value) is not None
+    assert second_body == b"ok"
+    assert echo.authorizations == [f"Bearer {new.bearer_token}".encode()]
