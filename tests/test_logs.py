@@ -20,9 +20,16 @@ import pytest_twisted
 import treq
 from twisted.application.service import Application, MultiService
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import deferLater
-from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    formatEvent,
+    globalLogPublisher,
+)
 from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 
@@ -276,6 +283,44 @@ def test_access_log_fields(captured):
 
     assert missing["status"] == 404
     assert missing["route"] == "unmatched"
+
+
+class _RawRequest(Protocol):
+    def __init__(self, request: bytes, done) -> None:
+        self.request = request
+        self.done = done
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.done.callback(None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_access_log_path_with_braces(captured):
+    # The line is passed to twisted.logger as a format, so its braces must come
+    # out as they came in, not as fields.
+    service, base_url = yield start_daemon(simulated_arguments())
+    try:
+        done = Deferred()
+        request = (
+            b"GET /{client}/{0}/x}{ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        factory = ClientFactory.forProtocol(lambda: _RawRequest(request, done))
+        reactor.connectTCP("127.0.0.1", int(base_url.rsplit(":", 1)[1]), factory)
+        yield done
+    finally:
+        yield service.stopService()
+
+    event = access_events(captured)[0]
+    message = formatEvent(event)
+    assert event["path"] == "/{client}/{0}/x}{"
+    assert message.startswith('127.0.0.1 "GET /{client}/{0}/x}{ HTTP/1.1" 404 ')
+    assert json_record(event)["message"] == message
 
 
 class _SendAndHangUp(Protocol):
