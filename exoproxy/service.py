@@ -43,19 +43,21 @@ from exoproxy.shutdown import shut_down_instance
 from exoproxy.sources import FixedBackendSource, LifecycleSource
 from exoproxy.status import build_status
 from exoproxy.streaming import StreamingRequest
+from exoproxy.write_through import WriteThroughReactor
 
 log = Logger()
 
 
 def _server_endpoint(reactor: Any, description: str) -> Any:
     """
-    Parse a --listen or --metrics-listen endpoint string.
+    Parse a --listen or --metrics-listen endpoint string. A `tcp:` endpoint
+    listens with a WriteThroughPort, whose connections send each write at once.
 
     Raises:
         ValueError: a systemd: endpoint names a socket that was not inherited.
     """
     try:
-        return serverFromString(reactor, description)
+        return serverFromString(WriteThroughReactor(reactor), description)
     except (IndexError, KeyError):
         if not description.startswith("systemd:"):
             raise
