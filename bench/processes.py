@@ -142,6 +142,38 @@ class Managed:
             self.popen.wait()
 
 
+def start_upstream(workdir: Path, cpus: list[int] | None) -> tuple[Managed, int]:
+    """
+    Start the benchmark's upstream on a free port of 127.0.0.1, with its log in
+    `workdir`, and return it with its port. It may not be listening yet.
+    """
+    port = free_port()
+    upstream = Managed(
+        "upstream",
+        pinned([sys.executable, "-m", "bench.upstream", "--port", str(port)], cpus),
+        workdir / "upstream.log",
+        cwd=REPOSITORY,
+    )
+    return upstream, port
+
+
+def exoproxy_command(upstream_port: int, port: int, log_path: Path) -> list[str]:
+    """
+    Return the command that runs exoproxy on 127.0.0.1:`port` in front of the
+    upstream, with no cloud, logging to `log_path`.
+    """
+    return twistd_command() + [
+        "-n",
+        "--pidfile=",
+        f"--logfile={log_path}",
+        "exoproxy",
+        "--backend-url",
+        f"http://127.0.0.1:{upstream_port}",
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+    ]
+
+
 def wait_for_http(port: int, process: Managed, timeout: float = 20.0) -> None:
     """
     Wait until `GET /` on 127.0.0.1:`port` returns a status line.

@@ -22,13 +22,13 @@ import tempfile
 from pathlib import Path
 
 from bench.processes import (
-    REPOSITORY,
     Managed,
+    exoproxy_command,
     free_port,
     pinned,
     plan_cpus,
     run_loadgen,
-    twistd_command,
+    start_upstream,
     wait_for_http,
 )
 
@@ -140,29 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     load_cpus, proxy_cpus = plan_cpus()
     workdir = Path(tempfile.mkdtemp(prefix="exoproxy-profile-"))
     raw = arguments.raw or workdir / "py-spy.txt"
-    upstream_port, port = free_port(), free_port()
-    upstream = Managed(
-        "upstream",
-        pinned(
-            [sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)],
-            load_cpus,
-        ),
-        workdir / "upstream.log",
-        cwd=REPOSITORY,
-    )
+    upstream, upstream_port = start_upstream(workdir, load_cpus)
+    port = free_port()
     exoproxy = None
     try:
         wait_for_http(upstream_port, upstream)
-        command = twistd_command() + [
-            "-n",
-            "--pidfile=",
-            f"--logfile={workdir / 'exoproxy.twistd.log'}",
-            "exoproxy",
-            "--backend-url",
-            f"http://127.0.0.1:{upstream_port}",
-            "--listen",
-            f"tcp:{port}:interface=127.0.0.1",
-        ]
+        command = exoproxy_command(upstream_port, port, workdir / "exoproxy.twistd.log")
         exoproxy = Managed(
             "exoproxy",
             pinned(command, proxy_cpus),

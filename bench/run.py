@@ -27,10 +27,11 @@ from bench import nginx
 from bench.processes import (
     REPOSITORY,
     Managed,
+    exoproxy_command,
     free_port,
     pinned,
     plan_cpus,
-    twistd_command,
+    start_upstream,
     wait_for_http,
 )
 from bench.report import write_plot, write_report
@@ -96,16 +97,9 @@ def _start_targets(
 
         port = free_port()
         if name == "exoproxy":
-            command = twistd_command() + [
-                "-n",
-                "--pidfile=",
-                f"--logfile={workdir / 'exoproxy.twistd.log'}",
-                "exoproxy",
-                "--backend-url",
-                f"http://127.0.0.1:{upstream_port}",
-                "--listen",
-                f"tcp:{port}:interface=127.0.0.1",
-            ]
+            command = exoproxy_command(
+                upstream_port, port, workdir / "exoproxy.twistd.log"
+            )
             process = Managed(
                 "exoproxy",
                 pinned(command, proxy_cpus),
@@ -236,16 +230,7 @@ def run(arguments: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     }
 
     workdir = Path(tempfile.mkdtemp(prefix="exoproxy-bench-"))
-    upstream_port = free_port()
-    upstream = Managed(
-        "upstream",
-        pinned(
-            [sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)],
-            load_cpus,
-        ),
-        workdir / "upstream.log",
-        cwd=REPOSITORY,
-    )
+    upstream, upstream_port = start_upstream(workdir, load_cpus)
     targets: list[Target] = []
     try:
         wait_for_http(upstream_port, upstream)
