@@ -12,6 +12,8 @@ from collections.abc import Iterable
 
 from twisted.web.server import Request
 
+from exoproxy.config import ConfigError
+
 # Ollama's default origins (envconfig.AllowedOrigins in Ollama 0.5 to 0.12), to which
 # OLLAMA_ORIGINS adds more.
 OLLAMA_DEFAULT_ORIGINS: tuple[str, ...] = tuple(
@@ -39,6 +41,31 @@ ALLOWED_HEADERS = (
     b"X-Stainless-Timeout"
 )
 _MAX_AGE = b"43200"
+
+
+# An origin as browsers send it, scheme://host[:port] with no path, or one that
+# contains * as a wildcard, or * alone.
+_ORIGIN = re.compile(r"^(\*|[a-z][a-z0-9+.-]*://[^/\s?#]+)$", re.IGNORECASE)
+
+
+def parse_origins(values: Iterable[str]) -> tuple[str, ...]:
+    """
+    Check the origins of `--allow-origin` or OLLAMA_ORIGINS.
+
+    Raises:
+        ConfigError: a value is not an origin, such as a bare host name or a URL
+            with a path. No browser sends such an Origin header, so the value
+            would never match and the browser client would fail without a hint.
+    """
+    values = tuple(values)
+    for value in values:
+        if not _ORIGIN.match(value):
+            raise ConfigError(
+                f"--allow-origin: invalid origin {value!r}; use scheme://host or "
+                "scheme://host:port with no path, such as https://webui.example.com, "
+                "with * as a wildcard, as in http://*.lan:*"
+            )
+    return values
 
 
 def _pattern(origin: str) -> re.Pattern[str]:

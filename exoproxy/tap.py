@@ -16,6 +16,7 @@ from exoproxy import auth
 from exoproxy import config as _config
 from exoproxy.backend_tls import default_state_dir
 from exoproxy.config import Config, ConfigError
+from exoproxy.cors import parse_origins
 from exoproxy.logs import observer_for_format, parse_log_format
 from exoproxy.routes import DEFAULT_LOCAL_ROUTES, parse_local_routes
 
@@ -442,9 +443,11 @@ def _backend_port(options: Options) -> int:
 
 def _origins(options: Options, environ: Mapping[str, str]) -> tuple[str, ...]:
     if options["allow-origin"]:
-        return tuple(options["allow-origin"])
+        return parse_origins(options["allow-origin"])
     from_environment = environ.get("OLLAMA_ORIGINS", "").split(",")
-    return tuple(origin.strip() for origin in from_environment if origin.strip())
+    return parse_origins(
+        origin.strip() for origin in from_environment if origin.strip()
+    )
 
 
 def _local_routes(value: str) -> frozenset[str]:
@@ -646,6 +649,13 @@ def makeService(options: Options) -> IService:
     from exoproxy.service import ExoproxyService
 
     config = options.config
+    if config.simulate and not config.fixed_backend:
+        from exoproxy.preflight import check_simulated_catalog
+
+        try:
+            check_simulated_catalog(config)
+        except ConfigError as error:
+            raise SystemExit(f"exoproxy: {error}") from None
     if not (config.simulate or config.fixed_backend or reactor.running):
         # twistd builds the service before it starts the reactor, so these blocking
         # calls block nothing; a daemon built inside a running reactor skips them.

@@ -336,6 +336,30 @@ def test_bad_token_file_stops_startup(tmp_path: Path):
     assert f"--api-key-file {str(keys)!r}: no token found" in str(raised.value)
 
 
+def test_origins_from_option_and_environment():
+    from_option = config_from(
+        ["--allow-origin", "https://webui.example.com", "--allow-origin", "*"], {}
+    )
+    from_environment = config_from([], {"OLLAMA_ORIGINS": " http://*.lan:* , app://*,"})
+
+    assert from_option.allowed_origins == ("https://webui.example.com", "*")
+    assert from_environment.allowed_origins == ("http://*.lan:*", "app://*")
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["webui.lan", "https://webui.example.com/", "http://a.lan/chat", "http:// x"],
+)
+def test_invalid_origin_stops_startup(origin: str):
+    with pytest.raises(SystemExit) as raised:
+        config_from(["--allow-origin", origin], {})
+    with pytest.raises(SystemExit) as from_environment:
+        config_from([], {"OLLAMA_ORIGINS": origin})
+
+    assert f"--allow-origin: invalid origin {origin!r}" in str(raised.value)
+    assert f"invalid origin {origin!r}" in str(from_environment.value)
+
+
 def request_with(authorization: bytes | None) -> DummyRequest:
     request = DummyRequest([b"api", b"tags"])
     if authorization is not None:
