@@ -248,17 +248,36 @@ def parse_instance_action(option: str, value: str) -> str:
 
 def parse_networks(values: list[str], option: str = "allow-cidr") -> tuple[str, ...]:
     """
-    Parse the networks that may reach a port of the instance, in CIDR notation.
+    Parse the networks that may reach a port of the instance, in CIDR notation. A
+    bare address is its own /32 or /128 network.
+
+    Raises:
+        ConfigError: a value is not a network, or has host bits set, such as
+            203.0.113.7/24. That is rejected rather than widened to
+            203.0.113.0/24, because it opens a port to more addresses than the
+            one written, so it is more likely a mistyped /32 than a network.
     """
     networks = []
     for value in values:
+        text = value.strip()
         try:
-            networks.append(str(ipaddress.ip_network(value.strip(), strict=False)))
+            networks.append(str(ipaddress.ip_network(text)))
+            continue
+        except ValueError:
+            pass
+        try:
+            widened = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise ConfigError(
                 f"--{option}: invalid network {value!r}; use CIDR notation such "
                 "as 203.0.113.7/32"
             ) from None
+        address = ipaddress.ip_interface(text).ip
+        raise ConfigError(
+            f"--{option}: invalid network {value!r}: it has host bits set; use "
+            f"{widened} for the whole network, or {address}/{address.max_prefixlen} "
+            "for the one address"
+        )
     return tuple(networks)
 
 

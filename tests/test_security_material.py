@@ -405,6 +405,23 @@ def test_ssh_networks_parsed():
         real_config("--allow-ssh-cidr", "not-a-network")
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "suggestions"),
+    [
+        ("--allow-cidr", "203.0.113.7/24", ("203.0.113.0/24", "203.0.113.7/32")),
+        ("--allow-ssh-cidr", "2001:db8::1/64", ("2001:db8::/64", "2001:db8::1/128")),
+    ],
+)
+def test_network_with_host_bits_rejected(option, value, suggestions):
+    with pytest.raises(SystemExit) as raised:
+        real_config(option, value)
+
+    message = str(raised.value)
+    assert f"{option}: invalid network {value!r}: it has host bits set" in message
+    for suggestion in suggestions:
+        assert suggestion in message
+
+
 def cached_agent(policy: BackendTLSPolicy) -> BackendAgent:
     endpoints = BackendEndpoints(reactor, policy, connect_timeout=5)
     pool = HTTPConnectionPool(reactor, persistent=False)
