@@ -61,11 +61,55 @@ def check_account(
         )
         return
 
-    wanted = (config.instance_type.family, config.instance_type.size)
-    if not any((t.get("family"), t.get("size")) == wanted for t in types):
+    check_catalog(config, types, templates)
+
+
+def check_simulated_catalog(config: Config) -> None:
+    """
+    Check that the simulated zone has the instance type and the template, with the
+    same rules and messages as L{check_account}, but against the simulator's
+    catalog in memory, because the simulator's API only responds once the reactor
+    runs.
+
+    Raises:
+        ConfigError: the simulated zone lacks the instance type or the template.
+    """
+    from exoproxy.simulator.catalog import build_instance_types, build_templates
+
+    templates = [
+        template
+        for template in build_templates(config.zone)
+        if template.get("visibility") == "public"
+    ]
+    check_catalog(config, build_instance_types(), templates)
+
+
+def check_catalog(
+    config: Config, types: list[dict[str, Any]], templates: list[dict[str, Any]]
+) -> None:
+    """
+    Check that the listed instance types and public templates contain the
+    configured ones. A type that lists its zones must list the configured zone.
+
+    Raises:
+        ConfigError: the instance type or the template is missing.
+    """
+    family = config.instance_type.family
+    sizes = [
+        t.get("size")
+        for t in types
+        if t.get("family") == family and config.zone in t.get("zones", [config.zone])
+    ]
+    if config.instance_type.size not in sizes:
+        offered = (
+            f"its {family} sizes are {', '.join(sorted(map(str, sizes)))}"
+            if sizes
+            else f"it has no {family} type"
+        )
         raise ConfigError(
             f"--instance-type: zone {config.zone} offers no instance type "
-            f"{config.instance_type}; list them with `exo compute instance-type list`"
+            f"{config.instance_type} ({offered}); list them with "
+            "`exo compute instance-type list`"
         )
     if not any(template.get("name") == config.template for template in templates):
         raise ConfigError(

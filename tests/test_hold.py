@@ -224,16 +224,18 @@ def test_local_routes_can_be_changed():
 
 @pytest_twisted.inlineCallbacks
 def test_held_request_gets_503_when_start_fails():
-    # The zone offers no gpua5000.huge, so the run fails at create.
-    service, base_url = yield start_daemon(
-        simulated_arguments(hold_timeout=30, instance_type="a5000.huge")
+    # The API rejects the create call, so the run fails there, as it would for
+    # a quota that the account has used up.
+    service, base_url = yield start_daemon(simulated_arguments(hold_timeout=30))
+    service.simulator.cloud.faults.fail_calls(
+        "create-instance", "status", status=400, count=10
     )
     try:
         response = yield treq.post(f"{base_url}/api/generate", data=GENERATE)
         body = json.loads((yield treq.content(response)))
         assert response.code == 503
         assert body["provisioning"] is False
-        assert "gpua5000.huge" in body["error"]
+        assert "create-instance failed: HTTP 400" in body["error"]
         assert response.headers.getRawHeaders(b"x-exoproxy-cold-start") == [b"false"]
         assert service.gateway.held_requests == 0
 

@@ -98,6 +98,39 @@ def test_type_missing_in_zone_stops_at_startup(simulator):
     assert "gpu3.huge" in message
 
 
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (
+            ("--instance-type", "a5000.huge"),
+            "exoproxy: --instance-type: zone at-vie-2 offers no instance type "
+            "gpua5000.huge (its gpua5000 sizes are large, medium, small); list them "
+            "with `exo compute instance-type list`",
+        ),
+        (
+            ("--zone", "ch-gva-2"),
+            "exoproxy: --instance-type: zone ch-gva-2 offers no instance type "
+            "gpua5000.small (it has no gpua5000 type); list them with "
+            "`exo compute instance-type list`",
+        ),
+        (
+            ("--template", "Linux Plan 9"),
+            "exoproxy: --template: zone at-vie-2 has no public template named "
+            "'Linux Plan 9'",
+        ),
+    ],
+)
+@pytest_twisted.inlineCallbacks
+def test_simulated_catalog_checked_at_startup(extra, expected):
+    arguments = ["--nodaemon", "--pidfile=", "exoproxy", "--simulate", *extra]
+    arguments += ["--listen", f"tcp:{free_port()}:interface=127.0.0.1"]
+    output, errors, code = yield run_twistd(arguments)
+
+    assert code == 1
+    assert errors.decode().strip().splitlines() == [expected]
+    assert b"Traceback" not in output + errors
+
+
 @inlineCallbacks
 def wait_for(predicate, seconds: float):
     for _ in range(int(seconds / 0.05)):
