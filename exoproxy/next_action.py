@@ -6,9 +6,9 @@ that an operator who reads what went wrong also reads what comes of it.
 from __future__ import annotations
 
 from exoproxy.activity import ActivityTracker
-from exoproxy.cloud import PendingRetry
 from exoproxy.config import Config
 from exoproxy.lifecycle import STOPPED_FOR_UPTIME, InstanceLifecycle
+from exoproxy.sdk_runner import PendingRetry
 
 
 def describe_next_action(

@@ -17,8 +17,8 @@ from exoscale.api.v2 import Client
 from requests import RequestException
 from twisted.logger import Logger
 
-from exoproxy.cloud import _TimeoutAdapter
 from exoproxy.config import Config, ConfigError
+from exoproxy.sdk_runner import _TimeoutAdapter
 
 log = Logger()
 
