@@ -36,7 +36,8 @@ from exoproxy.lifecycle import Backend, InstanceLifecycle
 from exoproxy.logs import give_observer_to_twistd
 from exoproxy.metrics import DaemonMetrics
 from exoproxy.notify import SystemdNotifier, status_line
-from exoproxy.provisioner import ExoscaleProvisioner, json_fetcher
+from exoproxy.ollama_readiness import json_fetcher
+from exoproxy.provisioner import ExoscaleProvisioner
 from exoproxy.retry import RetryPolicy
 from exoproxy.routes import streams_request_body
 from exoproxy.shutdown import shut_down_instance

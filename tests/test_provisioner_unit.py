@@ -15,7 +15,8 @@ from twisted.internet.task import Clock
 
 from exoproxy.catalog import BackendCatalog
 from exoproxy.cloud import ExoscaleCloud
-from exoproxy.provisioner import ExoscaleProvisioner, model_names
+from exoproxy.ollama_readiness import model_names
+from exoproxy.provisioner import ExoscaleProvisioner
 from exoproxy.tap import Options
 
 MODEL = "granite3.1-dense:8b"
