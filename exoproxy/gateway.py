@@ -21,7 +21,7 @@ from exoproxy.auth import ClientTokens
 from exoproxy.catalog import BackendCatalog
 from exoproxy.cors import CorsPolicy
 from exoproxy.errors import send_error
-from exoproxy.lifecycle import Backend, ShuttingDown
+from exoproxy.lifecycle_interfaces import Backend, ShuttingDown
 from exoproxy.metrics import DaemonMetrics
 from exoproxy.proxy import ProxiedExchange
 from exoproxy.routes import (

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from exoproxy.activity import ActivityTracker
 from exoproxy.config import Config
-from exoproxy.lifecycle import STOPPED_FOR_UPTIME, InstanceLifecycle
+from exoproxy.lifecycle import InstanceLifecycle
+from exoproxy.lifecycle_interfaces import STOPPED_FOR_UPTIME
 from exoproxy.sdk_runner import PendingRetry
 
 

@@ -31,7 +31,7 @@ from exoproxy.instance_actions import ACTIVE_STATES, InstanceActions
 from exoproxy.instance_creation import InstanceCreation
 from exoproxy.instance_search import InstanceSearch
 from exoproxy.instance_shutdown import InstanceShutdown
-from exoproxy.lifecycle import Backend
+from exoproxy.lifecycle_interfaces import Backend
 from exoproxy.ollama_readiness import OllamaReadiness
 from exoproxy.ssh_rules import SshRules
 

@@ -32,7 +32,8 @@ from exoproxy.cloud import ExoscaleCloud
 from exoproxy.config import Config, ConfigError
 from exoproxy.cors import CorsPolicy
 from exoproxy.gateway import BackendSource, Gateway
-from exoproxy.lifecycle import Backend, InstanceLifecycle
+from exoproxy.lifecycle import InstanceLifecycle
+from exoproxy.lifecycle_interfaces import Backend
 from exoproxy.logs import give_observer_to_twistd
 from exoproxy.metrics import DaemonMetrics
 from exoproxy.notify import SystemdNotifier, status_line

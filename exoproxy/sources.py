@@ -10,7 +10,8 @@ from twisted.internet.defer import Deferred, succeed
 
 from exoproxy.config import Config
 from exoproxy.gateway import BackendSource
-from exoproxy.lifecycle import Backend, InstanceLifecycle
+from exoproxy.lifecycle import InstanceLifecycle
+from exoproxy.lifecycle_interfaces import Backend
 
 # Retry-After seconds by phase: estimates of how long the phase usually has left,
 # so that clients that honour the header do not poll much faster than it moves.

@@ -14,10 +14,10 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from exoproxy.api_errors import ApiCallFailed
-from exoproxy.lifecycle import (
+from exoproxy.lifecycle import InstanceLifecycle
+from exoproxy.lifecycle_interfaces import (
     STOPPED_FOR_UPTIME,
     Backend,
-    InstanceLifecycle,
     ShuttingDown,
 )
 

@@ -10,7 +10,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from exoproxy.activity import ActivityTracker
-from exoproxy.lifecycle import Backend, InstanceLifecycle, retry_backoff
+from exoproxy.lifecycle import InstanceLifecycle, retry_backoff
+from exoproxy.lifecycle_interfaces import Backend
 
 BACKEND = Backend(url="http://127.0.0.2:11434", instance_id="i-1")
 
