@@ -14,12 +14,8 @@ from twisted.logger import Logger
 
 from exoproxy.api_errors import ApiCallFailed
 from exoproxy.backend_tls import SERVICE_NAME
-from exoproxy.userdata import (
-    TerminatorSettings,
-    UserDataSettings,
-    encode_user_data,
-    render_user_data,
-)
+from exoproxy.userdata import encode_user_data, render_user_data
+from exoproxy.userdata_settings import TerminatorSettings, UserDataSettings
 
 log = Logger()
 

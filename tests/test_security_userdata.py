@@ -35,11 +35,10 @@ from exoproxy.userdata import (
     OLLAMA_DROP_IN_PATH,
     TLS_CERTIFICATE_PATH,
     TLS_PRIVATE_KEY_PATH,
-    TerminatorSettings,
-    UserDataSettings,
     encode_user_data,
     render_user_data,
 )
+from exoproxy.userdata_settings import TerminatorSettings, UserDataSettings
 from tests.daemon import free_port
 
 MATERIAL = generate_material(time.time())

@@ -22,10 +22,10 @@ import yaml
 from exoproxy.userdata import (
     MAX_USER_DATA_LENGTH,
     OLLAMA_DROP_IN_PATH,
-    UserDataSettings,
     encode_user_data,
     render_user_data,
 )
+from exoproxy.userdata_settings import UserDataSettings
 
 GPU = UserDataSettings(models=("llama3.2:1b", "qwen2.5:0.5b"), gpu=True)
 CPU = UserDataSettings(models=("llama3.2:1b",), gpu=False)
