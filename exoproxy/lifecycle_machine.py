@@ -354,7 +354,10 @@ def _build_machine() -> Callable[[_Core], Lifecycle]:
         core.up_since = None
         if core.stop_reason is not None:
             core.last_stop_reason = core.stop_reason
-        core.set_phase("stopped" if core.known_instance_id() else "idle", "idle")
+        # The provisioner forgets a destroyed instance, so the next run creates a
+        # new one and the phase is "idle" rather than "stopped".
+        core.instance_id = core.provisioner.known_instance_id()
+        core.set_phase("stopped" if core.instance_id else "idle", "idle")
         if core.restart_after_stop and not core.closing:
             core.restart_after_stop = False
             lifecycle.demand()

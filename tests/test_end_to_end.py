@@ -5,6 +5,8 @@ loopback sockets: a cold start, streamed and plain calls, and the idle stop.
 
 from __future__ import annotations
 
+import json
+
 import ollama
 import pytest
 import pytest_twisted
@@ -178,3 +180,35 @@ def test_polling_routes_answer_cold(daemon):
     _, status = yield get_json(f"{base_url}/status")
     assert status["provisioning_status"] == "idle"
     assert api_calls(service) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_idle_destroy_then_new_instance():
+    generate = json.dumps({"model": MODEL, "prompt": "hi", "stream": False}).encode()
+    service, base_url = yield start_daemon(simulated_arguments(idle_action="destroy"))
+    try:
+        yield treq.post(f"{base_url}/api/generate", data=generate)
+        ready = yield wait_for_status(
+            base_url, lambda s: s["provisioning_status"] == "ready"
+        )
+        first_id = ready[-1]["instance_id"]
+        destroyed = yield wait_for_status(
+            base_url, lambda s: s["instance_status"] == "destroyed", timeout=30
+        )
+        after_destroy = destroyed[-1]
+
+        yield treq.post(f"{base_url}/api/generate", data=generate)
+        again = yield wait_for_status(
+            base_url, lambda s: s["provisioning_status"] == "ready"
+        )
+        second_id = again[-1]["instance_id"]
+    finally:
+        yield service.stopService()
+
+    assert after_destroy["phase"] == "idle"
+    assert after_destroy["instance_id"] is None
+    assert after_destroy["next_action"] == (
+        "bringing an instance up on the next request that needs the model"
+    )
+    assert second_id != first_id
+    assert len(api_calls(service, "create-instance")) == 2

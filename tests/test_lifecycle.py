@@ -125,6 +125,7 @@ def test_second_failure_doubles_backoff():
 def test_idle_expiry_stops_ready_instance():
     _, provisioner, lifecycle, _ = make_lifecycle()
     lifecycle.demand()
+    provisioner.instance_id = "i-1"
     provisioner.runs[0].callback(BACKEND)
 
     lifecycle.inputs.idle_expired()
@@ -135,6 +136,21 @@ def test_idle_expiry_stops_ready_instance():
     provisioner.shutdowns[0][1].callback(None)
     assert lifecycle.state == "idle"
     assert lifecycle.phase == "stopped"
+
+
+def test_idle_destroy_forgets_instance():
+    _, provisioner, lifecycle, _ = make_lifecycle()
+    lifecycle.demand()
+    provisioner.instance_id = "i-1"
+    provisioner.runs[0].callback(BACKEND)
+
+    lifecycle.inputs.idle_expired()
+    provisioner.instance_id = None
+    provisioner.shutdowns[0][1].callback(None)
+
+    assert lifecycle.state == "idle"
+    assert lifecycle.phase == "idle"
+    assert lifecycle.instance_id is None
 
 
 def test_idle_expiry_ignored_while_not_serving():
