@@ -48,23 +48,29 @@ _MAX_AGE = b"43200"
 _ORIGIN = re.compile(r"^(\*|[a-z][a-z0-9+.-]*://[^/\s?#]+)$", re.IGNORECASE)
 
 
-def parse_origins(values: Iterable[str]) -> tuple[str, ...]:
+def parse_origins(
+    values: Iterable[str], source: str = "--allow-origin"
+) -> tuple[str, ...]:
     """
-    Check the origins of `--allow-origin` or OLLAMA_ORIGINS.
+    Check the origins of `--allow-origin` or OLLAMA_ORIGINS; `source` names the
+    one that the values come from, in the error.
 
     Raises:
-        ConfigError: a value is not an origin, such as a bare host name or a URL
-            with a path. No browser sends such an Origin header, so the value
-            would never match and the browser client would fail without a hint.
+        ConfigError: a value is not an origin, such as a bare host name, a URL
+            with a path or a port above 65535. No browser sends such an Origin
+            header, so the value would never match and the browser client would
+            fail without a hint.
     """
     values = tuple(values)
     for value in values:
-        if not _ORIGIN.match(value):
-            raise ConfigError(
-                f"--allow-origin: invalid origin {value!r}; use scheme://host or "
-                "scheme://host:port with no path, such as https://webui.example.com, "
-                "with * as a wildcard, as in http://*.lan:*"
-            )
+        port = value.rpartition(":")[2]
+        if _ORIGIN.match(value) and not (port.isdigit() and int(port) > 65535):
+            continue
+        raise ConfigError(
+            f"{source}: invalid origin {value!r}; use scheme://host or "
+            "scheme://host:port with no path, such as https://webui.example.com, "
+            "with * as a wildcard, as in http://*.lan:*"
+        )
     return values
 
 

@@ -91,7 +91,8 @@ def _origins(options: Options, environ: Mapping[str, str]) -> tuple[str, ...]:
         return parse_origins(options["allow-origin"])
     from_environment = environ.get("OLLAMA_ORIGINS", "").split(",")
     return parse_origins(
-        origin.strip() for origin in from_environment if origin.strip()
+        (origin.strip() for origin in from_environment if origin.strip()),
+        source="OLLAMA_ORIGINS",
     )
 
 
