@@ -17,6 +17,7 @@ from urllib.parse import unquote
 from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
+from exoproxy.channel import ExoproxyChannel
 from exoproxy.metrics import DaemonMetrics, route_label
 
 log = Logger(namespace="exoproxy.access")
@@ -118,12 +119,14 @@ class AccessLoggedRequest(Request):
 class AccessLogSite(Site):
     """
     A site that logs each request as a structured event and counts it in the
-    metrics, in place of twisted.web's access log file.
+    metrics, in place of twisted.web's access log file. Its connections are
+    L{ExoproxyChannel}s.
 
     Its requests must be L{AccessLoggedRequest}s, so that they are logged.
     """
 
     requestFactory = AccessLoggedRequest
+    protocol = ExoproxyChannel
 
     def __init__(
         self, resource: Any, *, metrics: DaemonMetrics | None = None, **kwargs: Any
