@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print()
     print(
-        "| load | figure | base (median) | candidate (median) | candidate / base | rounds won |"
+        "| load | figure | base (median) | candidate (median) | candidate / base "
+        "| rounds won |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
     for load, by_tree in figures.items():

@@ -4,16 +4,16 @@ TCP listeners whose connections send each write at once when nothing is queued.
 Twisted's TCP transport (26.10) never sends from `write()`. It queues the data,
 registers the socket for writability (with `epoll_ctl`, under the default epoll
 reactor), sends from `doWrite()` on the next reactor iteration, and then
-unregisters the socket with another `epoll_ctl`. A proxy that relays one streamed line per write pays those two
-system calls and one more reactor event for every line. The transport here tries
-`send()` first and falls back to Twisted's queue only for what the socket does
-not accept at once, so the order of the bytes, the backpressure on producers and
-the way a connection closes stay Twisted's.
+unregisters the socket with another `epoll_ctl`. A proxy that relays one streamed
+line per write pays those two system calls and one more reactor event for every
+line. The transport here tries `send()` first and falls back to Twisted's queue
+only for what the socket does not accept at once, so the order of the bytes, the
+backpressure on producers and the way a connection closes stay Twisted's.
 
-On a 2-CPU machine, `python -m bench.compare` measured 10 % less CPU per relayed
-line at 200 concurrent streams and 17 % less per small request with this
-transport, and 500 streams had less than half the p50 delay (three rounds of
-each load, every round won; see docs/benchmarks.md).
+On a 2-CPU machine, `python -m bench.compare` measured 12 % less CPU per relayed
+line at 200 concurrent streams and 13 % less at 500, and a seventh of the p50
+delay at 500 streams (three rounds of each load, every round won; the figures are
+in docs/benchmarks.md).
 """
 
 from __future__ import annotations
