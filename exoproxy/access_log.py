@@ -199,10 +199,9 @@ class AccessLogSite(Site):
             f"{request.sentLength} {duration:.3f}s{_note(request, status, completed)}"
         )
         # The line is formatted here and passed as a format without fields, with
-        # its braces doubled, because twisted.logger (26.10) formats a format's
-        # fields with string.Formatter and one wrapper object each, and that took
-        # more than half of the access log's cost. The named fields still reach
-        # the JSON log.
+        # its braces doubled. twisted.logger (26.10) formats a format's fields with
+        # string.Formatter and one wrapper object each, which took more than half
+        # of the access log's cost. The named fields still reach the JSON log.
         log.info(
             line.replace("{", "{{").replace("}", "}}"),
             client=client,

@@ -68,8 +68,8 @@ class BackendTLSPolicy:
         self._clock = clock
         self._fallback = fallback or BrowserLikePolicyForHTTPS()
         self._pinned: dict[tuple[str, int], BackendMaterial] = {}
-        # Connection creators by (host, port), reused for every connection: each
-        # one holds an OpenSSL context, which is costly to build.
+        # Connection creators by (host, port), reused for every connection,
+        # because each one contains an OpenSSL context, which is costly to build.
         self._creators: dict[tuple[bytes, int], Any] = {}
         self._rejections = 0
         self._last_rejection: _Rejection | None = None

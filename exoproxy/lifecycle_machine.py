@@ -354,8 +354,8 @@ def _build_machine() -> Callable[[_Core], Lifecycle]:
         core.up_since = None
         if core.stop_reason is not None:
             core.last_stop_reason = core.stop_reason
-        # The provisioner forgets a destroyed instance, so the next run creates a
-        # new one and the phase is "idle" rather than "stopped".
+        # The provisioner drops the id of a destroyed instance, so the next run
+        # creates a new one and the phase is "idle" rather than "stopped".
         core.instance_id = core.provisioner.known_instance_id()
         core.set_phase("stopped" if core.instance_id else "idle", "idle")
         if core.restart_after_stop and not core.closing:

@@ -11,9 +11,9 @@ only for what the socket does not accept at once, so the order of the bytes, the
 backpressure on producers and the way a connection closes stay Twisted's.
 
 On a 2-CPU machine, `python -m bench.compare` measured 12 % less CPU per relayed
-line at 200 concurrent streams and 13 % less at 500, and a seventh of the p50
-delay at 500 streams (three rounds of each load, every round won; the figures are
-in docs/benchmarks.md).
+line at 200 concurrent streams and 13 % less at 500. The p50 delay at 500 streams
+fell to a seventh. Each load ran three rounds, and the transport won every round;
+docs/benchmarks.md has the figures.
 """
 
 from __future__ import annotations
