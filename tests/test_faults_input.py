@@ -138,13 +138,13 @@ OLLAMA_ERRORS = {
     "status by post": (request_bytes(b"POST", b"/status", b"{}"), 405),
 }
 
-# Requests that twisted.web rejects before they reach exoproxy: it responds 400, or
-# only closes the connection.
+# Requests that twisted.web's parser rejects before they reach a resource. The
+# channel responds with a JSON 400, or 431 for a line over its limit, and closes.
 REJECTED_BY_HTTP_PARSER = {
     "garbage request line": b"GARBAGE\r\n\r\n",
     "raw non-ascii path": request_bytes(b"GET", b"/api/\xff\xfe"),
     "huge header": request_bytes(
-        b"GET", b"/api/tags", headers=b"X-Big: " + b"a" * 20000 + b"\r\n"
+        b"GET", b"/api/tags", headers=b"X-Big: " + b"a" * 70000 + b"\r\n"
     ),
     "too many headers": request_bytes(
         b"GET", b"/api/tags", headers=b"".join(b"X-%d: 1\r\n" % i for i in range(600))
@@ -189,14 +189,15 @@ def test_bad_request_gets_ollama_error(port, captured_log, case):
 
 @pytest.mark.parametrize("case", sorted(REJECTED_BY_HTTP_PARSER))
 @pytest_twisted.inlineCallbacks
-def test_malformed_http_closed(port, captured_log, case):
+def test_malformed_http_gets_json_error(port, captured_log, case):
     connection = yield open_connection(port)
     connection.transport.write(REJECTED_BY_HTTP_PARSER[case])
     received = yield until_closed(connection, 5)
 
-    if received:
-        code, _, _ = parse_response(received)
-        assert code == 400
+    code, headers, body = parse_response(received)
+    assert code == (431 if case == "huge header" else 400)
+    assert headers[b"content-type"].startswith(b"application/json")
+    assert isinstance(json.loads(body)["error"], str)
     assert_clean_log(captured_log)
 
 
