@@ -52,8 +52,8 @@ log = Logger()
 
 def _server_endpoint(reactor: Any, description: str) -> Any:
     """
-    Parse a --listen or --metrics-listen endpoint string. A `tcp:` endpoint
-    listens with a WriteThroughPort, whose connections send each write at once.
+    Parse a --listen or --metrics-listen endpoint string. The connections of a
+    `tcp:` or `systemd:` endpoint send each write at once (WriteThroughServer).
 
     Raises:
         ValueError: a systemd: endpoint names a socket that was not inherited.

@@ -95,22 +95,14 @@ class WriteThroughServer(tcp.Server):
             super().startWriting()
 
 
-class WriteThroughPort(tcp.Port):
-    """
-    A TCP listening port whose connections are L{WriteThroughServer}s.
-    """
-
-    transport = WriteThroughServer
-
-
 class WriteThroughReactor:
     """
-    A reactor whose `listenTCP` listens with L{WriteThroughPort}; every other
-    attribute is the wrapped reactor's.
+    A reactor whose TCP listening ports make L{WriteThroughServer} connections.
+    Every other attribute is the wrapped reactor's.
 
-    `serverFromString` builds `tcp:` endpoints that call `listenTCP`, so this is
-    how those listeners get the transport. Other endpoints, such as `unix:`,
-    `ssl:` and `systemd:`, keep Twisted's transport.
+    `serverFromString` builds `tcp:` endpoints, which call `listenTCP`, and
+    `systemd:` endpoints, which call `adoptStreamPort`, so those listeners get
+    the transport. `unix:` and `ssl:` listeners keep Twisted's.
     """
 
     def __init__(self, reactor: Any) -> None:
@@ -119,12 +111,28 @@ class WriteThroughReactor:
     def listenTCP(
         self, port: int, factory: Any, backlog: int = 50, interface: str = ""
     ) -> IListeningPort:
-        listening = WriteThroughPort(port, factory, backlog, interface, self._reactor)
-        listening.startListening()
-        return listening
+        return _write_through(
+            self._reactor.listenTCP(port, factory, backlog, interface)
+        )
+
+    def adoptStreamPort(
+        self, fileDescriptor: int, addressFamily: int, factory: Any
+    ) -> IListeningPort:
+        return _write_through(
+            self._reactor.adoptStreamPort(fileDescriptor, addressFamily, factory)
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reactor, name)
 
 
-__all__ = ["WriteThroughPort", "WriteThroughReactor", "WriteThroughServer"]
+def _write_through(port: IListeningPort) -> IListeningPort:
+    # A tcp.Port builds each accepted connection from its `transport` attribute
+    # (Twisted 26.10), and it accepts none before the reactor runs again, so this
+    # covers every connection. A unix.Port, a subclass, keeps its own transport.
+    if type(port) is tcp.Port:
+        port.transport = WriteThroughServer
+    return port
+
+
+__all__ = ["WriteThroughReactor", "WriteThroughServer"]

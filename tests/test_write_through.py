@@ -7,6 +7,7 @@ is queued, producers are paused and resumed, and closing waits for queued data.
 from __future__ import annotations
 
 import hashlib
+import socket
 
 import pytest_twisted
 from twisted.internet import reactor
@@ -20,11 +21,7 @@ from twisted.web.static import Data
 from zope.interface import implementer
 
 from exoproxy.service import _server_endpoint
-from exoproxy.write_through import (
-    WriteThroughPort,
-    WriteThroughReactor,
-    WriteThroughServer,
-)
+from exoproxy.write_through import WriteThroughReactor, WriteThroughServer
 
 
 class Collector(Protocol):
@@ -57,7 +54,11 @@ class Writer(Protocol):
         self.made.callback(None)
 
 
-def listen(script, protocols: list[Writer]):
+def writer_factory(script, protocols: list[Writer]) -> Factory:
+    """
+    Return a factory of L{Writer}s that run `script`, each added to `protocols`.
+    """
+
     def build(address):
         protocol = Writer(script)
         protocols.append(protocol)
@@ -65,6 +66,11 @@ def listen(script, protocols: list[Writer]):
 
     factory = Factory.forProtocol(Protocol)
     factory.buildProtocol = build
+    return factory
+
+
+def listen(script, protocols: list[Writer]):
+    factory = writer_factory(script, protocols)
     return WriteThroughReactor(reactor).listenTCP(0, factory, interface="127.0.0.1")
 
 
@@ -216,6 +222,47 @@ def test_daemon_tcp_listener_writes_through():
     site = Site(Data(b"ok", "text/plain"))
     port = yield _server_endpoint(reactor, "tcp:0:interface=127.0.0.1").listen(site)
     try:
-        assert isinstance(port, WriteThroughPort)
+        assert port.transport is WriteThroughServer
+    finally:
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_adopted_socket_writes_through():
+    # systemd passes a listening socket, which the systemd: endpoint adopts.
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(5)
+    listening.setblocking(False)
+    registered = []
+
+    def script(transport):
+        transport.write(b"adopted")
+        registered.append(transport in reactor.getWriters())
+        transport.loseConnection()
+
+    protocols: list[Writer] = []
+    port = WriteThroughReactor(reactor).adoptStreamPort(
+        listening.fileno(), socket.AF_INET, writer_factory(script, protocols)
+    )
+    listening.close()
+    try:
+        connecting, collector = connect(port)
+        yield connecting
+        received = yield collector.closed
+    finally:
+        yield port.stopListening()
+
+    assert received == b"adopted"
+    assert registered == [False]
+    assert isinstance(protocols[0].transport, WriteThroughServer)
+
+
+@pytest_twisted.inlineCallbacks
+def test_unix_listener_keeps_twisted_transport(tmp_path):
+    factory = Factory.forProtocol(Protocol)
+    port = WriteThroughReactor(reactor).listenUNIX(str(tmp_path / "s"), factory)
+    try:
+        assert port.transport is not WriteThroughServer
     finally:
         yield port.stopListening()
