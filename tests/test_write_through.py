@@ -11,7 +11,7 @@ import socket
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -82,6 +82,21 @@ def connect(port):
     return endpoint.connect(Factory.forProtocol(lambda: collector)), collector
 
 
+@inlineCallbacks
+def receive_all(port):
+    """
+    Connect to `port`, return every byte received until the server closes the
+    connection, and stop listening.
+    """
+    try:
+        connecting, collector = connect(port)
+        yield connecting
+        received = yield collector.closed
+    finally:
+        yield port.stopListening()
+    return received
+
+
 def sleep(seconds: float):
     return deferLater(reactor, seconds, lambda: None)
 
@@ -98,12 +113,7 @@ def test_small_write_sent_without_registering():
 
     protocols: list[Writer] = []
     port = listen(script, protocols)
-    try:
-        connecting, collector = connect(port)
-        yield connecting
-        received = yield collector.closed
-    finally:
-        yield port.stopListening()
+    received = yield receive_all(port)
 
     assert received == b"hello world"
     assert registered == [False]
@@ -126,12 +136,7 @@ def test_large_writes_arrive_in_order():
         transport.loseConnection()
 
     port = listen(script, [])
-    try:
-        connecting, collector = connect(port)
-        yield connecting
-        received = yield collector.closed
-    finally:
-        yield port.stopListening()
+    received = yield receive_all(port)
 
     expected = b"".join(payload)
     assert len(received) == len(expected)
@@ -246,12 +251,7 @@ def test_adopted_socket_writes_through():
         listening.fileno(), socket.AF_INET, writer_factory(script, protocols)
     )
     listening.close()
-    try:
-        connecting, collector = connect(port)
-        yield connecting
-        received = yield collector.closed
-    finally:
-        yield port.stopListening()
+    received = yield receive_all(port)
 
     assert received == b"adopted"
     assert registered == [False]
